@@ -1,0 +1,32 @@
+"""qat_plugins: regularizers that push low-bit quantization-aware training toward full precision.
+
+Quantize with torch.ao (eager / FX), torchao PT2E or NNCF, attach a regularizer, train, export to
+ONNX and validate in ONNX Runtime::
+
+    import qat_plugins as qp
+    qat = qp.prepare_qat(model, weight_bits=4, act_bits=4)
+    with qp.attach(qat, [qp.ConsistencyRegularizer()]) as regs:
+        out = qat(x)
+        loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+"""
+
+from .quant import LSQFakeQuantize, MinMaxFakeQuantize, prepare_qat, qconfig, qconfig_mapping
+from .regularizers import (
+    BlockReplacementRegularizer,
+    ConsistencyRegularizer,
+    FeaturePerturbationRegularizer,
+    NonFiniteLossError,
+    Regularizer,
+    RegularizerSet,
+    attach,
+    build_regularizers,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prepare_qat", "qconfig", "qconfig_mapping", "LSQFakeQuantize", "MinMaxFakeQuantize",
+    "Regularizer", "RegularizerSet", "attach", "build_regularizers", "NonFiniteLossError",
+    "ConsistencyRegularizer", "FeaturePerturbationRegularizer", "BlockReplacementRegularizer",
+    "__version__",
+]

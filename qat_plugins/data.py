@@ -159,7 +159,7 @@ Augment = Callable[[torch.Tensor], torch.Tensor]
 
 
 class RandomShift:
-    """Random crop after zero padding: shifts each image by up to ``pad`` pixels in x and y."""
+    """Random crop after edge padding: shifts each image by up to ``pad`` pixels in x and y."""
 
     def __init__(self, pad: int = 1, generator: torch.Generator | None = None) -> None:
         if pad < 0:
@@ -171,7 +171,7 @@ class RandomShift:
             return x
         n, _, h, w = x.shape
         p = self.pad
-        xp = F.pad(x, (p, p, p, p))
+        xp = F.pad(x, (p, p, p, p), mode="replicate")  # background, not a zero border (data are standardised)
         dy = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
         dx = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
         rows = (dy[:, None] + torch.arange(h)[None])  # (n, h)

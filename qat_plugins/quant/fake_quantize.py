@@ -47,8 +47,9 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    # forward: x; backward: g * grad
-    return (x - x * g).detach() + x * g
+    # forward: exactly x (``(x - x*g) + x*g`` can be off by one ulp); backward: g * grad
+    y = x * g
+    return x.detach() + (y - y.detach())
 
 
 def _view_for(t: torch.Tensor, x: torch.Tensor, ch_axis: int) -> torch.Tensor:

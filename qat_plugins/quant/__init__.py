@@ -1,0 +1,8 @@
+"""Low-bit fake quantization for torch.ao QAT: quantizers, QConfigs and ``prepare_qat``."""
+
+from .fake_quantize import LSQFakeQuantize, MinMaxFakeQuantize, fake_quantize, quant_range
+from .prepare import MODES, prepare_qat, quantizable_layers
+from .qconfig import qconfig, qconfig_mapping
+
+__all__ = ["LSQFakeQuantize", "MinMaxFakeQuantize", "fake_quantize", "quant_range", "qconfig", "qconfig_mapping",
+           "prepare_qat", "quantizable_layers", "MODES"]

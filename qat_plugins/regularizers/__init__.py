@@ -1,0 +1,13 @@
+"""The three QAT regularizers, their protocol and the config registry."""
+
+from .base import NonFiniteLossError, Regularizer, RegularizerSet, StepContext, attach
+from .block_replacement import BlockReplacementRegularizer
+from .consistency import ConsistencyRegularizer
+from .feature_perturbation import FeaturePerturbationRegularizer
+from .registry import REGISTRY, build_regularizer, build_regularizers, register
+
+__all__ = [
+    "Regularizer", "RegularizerSet", "StepContext", "attach", "NonFiniteLossError",
+    "ConsistencyRegularizer", "FeaturePerturbationRegularizer", "BlockReplacementRegularizer",
+    "REGISTRY", "build_regularizer", "build_regularizers", "register",
+]

@@ -1,0 +1,300 @@
+"""The regularizer protocol, the per-step shared context and ``attach``.
+
+A regularizer attaches to a QAT model (and, when its method needs one, the frozen full-precision
+model), adds a loss term each training step, and detaches without a trace::
+
+    reg = FeaturePerturbationRegularizer().attach(qat_model, fp_model=fp_model)
+    out = qat_model(x)
+    loss = F.cross_entropy(out, y) + reg.loss(x, y, out)
+    reg.detach()
+
+or, for several at once with shared work (one clean FP-teacher forward per step)::
+
+    with qat_plugins.attach(qat_model, [cr, fpq, br], fp_model=fp_model) as regs:
+        out = qat_model(x)
+        loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+
+Data flows model -> taps (:mod:`qat_plugins.taps`) -> regularizer loss -> trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..taps import FeatureTap, first_tensor, unwrap
+
+__all__ = ["Regularizer", "StepContext", "RegularizerSet", "attach", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the message names the term."""
+
+
+def _check_weight(weight: Any) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"weight must be a number >= 0, got {weight!r}")
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+    return float(weight)
+
+
+class StepContext:
+    """Work shared by the regularizers of one training step.
+
+    :meth:`fp_forward` runs the frozen FP model once on the clean inputs (no grad), with every
+    FP-side recording tap of the participating regularizers enabled, and caches the result.
+    """
+
+    def __init__(self, inputs: Any, fp_model: nn.Module | None, fp_taps: Iterable[FeatureTap] = ()) -> None:
+        self.inputs = inputs
+        self.fp_model = fp_model
+        self.fp_taps = list(fp_taps)
+        self._fp_out: torch.Tensor | None = None
+
+    def fp_forward(self) -> torch.Tensor:
+        """FP logits on the clean inputs; FP taps hold their features afterwards."""
+        if self._fp_out is None:
+            if self.fp_model is None:
+                raise RuntimeError("this regularizer needs fp_model=...; pass it to attach()")
+            for t in self.fp_taps:
+                t.enabled = True
+            try:
+                with torch.no_grad():
+                    self._fp_out = first_tensor(self.fp_model(self.inputs))
+            finally:
+                for t in self.fp_taps:
+                    t.enabled = False
+        return self._fp_out
+
+
+class Regularizer(ABC):
+    """Base class: ``attach`` -> per-step ``loss`` -> ``detach``.
+
+    Subclasses set :attr:`name` (the config/registry key) and :attr:`needs_fp_model`, and implement
+    :meth:`_attach`, :meth:`_loss` and optionally :meth:`_detach`, :meth:`state_dict`,
+    :meth:`load_state_dict`. ``loss`` returns ``weight * term``, or a zero tensor when the model is
+    in eval mode or gradients are disabled.
+    """
+
+    name: ClassVar[str] = "base"
+    needs_fp_model: ClassVar[bool] = False
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = _check_weight(weight)
+        self.model: nn.Module | None = None
+        self.fp_model: nn.Module | None = None
+        self.fp_taps: list[FeatureTap] = []
+        self._taps: list[FeatureTap] = []
+        self._fp_grad_flags: list[tuple[nn.Parameter, bool]] = []
+        self._fp_was_training = False
+        self.last_loss: torch.Tensor | None = None
+        self.steps = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return self.model is not None
+
+    def attach(self, model: nn.Module, *, fp_model: nn.Module | None = None) -> "Regularizer":
+        """Register this regularizer's hooks on ``model`` (and ``fp_model``); returns ``self``."""
+        if self.attached:
+            raise RuntimeError(f"{type(self).__name__} is already attached; call detach() before attaching again")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if self.needs_fp_model and fp_model is None:
+            raise ValueError(f"{type(self).__name__} needs the full-precision model: attach(model, fp_model=...)")
+        if fp_model is not None and not isinstance(fp_model, nn.Module):
+            raise TypeError(f"fp_model must be a torch.nn.Module, got {type(fp_model).__name__}")
+        if fp_model is not None and unwrap(fp_model) is unwrap(model):
+            raise ValueError("fp_model must be a separate full-precision copy, not the QAT model itself")
+        self.model = model
+        self.fp_model = unwrap(fp_model) if fp_model is not None else None
+        try:
+            if self.fp_model is not None:
+                self._freeze_fp()
+            self._attach()
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def _freeze_fp(self) -> None:
+        assert self.fp_model is not None
+        self._fp_was_training = self.fp_model.training
+        self._fp_grad_flags = [(p, p.requires_grad) for p in self.fp_model.parameters()]
+        self.fp_model.eval()
+        self.fp_model.requires_grad_(False)
+
+    def detach(self) -> None:
+        """Remove every hook and helper this regularizer added; the models are as before attach."""
+        self._detach()
+        for tap in self._taps + self.fp_taps:
+            tap.remove()
+        self._taps, self.fp_taps = [], []
+        for p, flag in self._fp_grad_flags:
+            p.requires_grad_(flag)
+        if self.fp_model is not None and self._fp_was_training:
+            self.fp_model.train()
+        self._fp_grad_flags = []
+        self.model = self.fp_model = None
+        self.last_loss = None
+
+    def tap(self, model: nn.Module, names: Sequence[str] = (), **kw: Any) -> FeatureTap:
+        """Create a tap on the QAT model owned (and removed) by this regularizer."""
+        t = FeatureTap(model, names, **kw)
+        self._taps.append(t)
+        return t
+
+    def fp_tap(self, names: Sequence[str] = (), **kw: Any) -> FeatureTap:
+        """A recording tap on the FP model, enabled only during the shared clean FP forward."""
+        assert self.fp_model is not None
+        t = FeatureTap(self.fp_model, names, always=True, **kw)
+        t.enabled = False
+        self.fp_taps.append(t)
+        return t
+
+    # -- per step -------------------------------------------------------------------------
+    def active(self) -> bool:
+        """Training mode with gradients enabled."""
+        return self.model is not None and unwrap(self.model).training and torch.is_grad_enabled()
+
+    def loss(self, inputs: Any, targets: torch.Tensor | None, outputs: Any,
+             *, context: StepContext | None = None) -> torch.Tensor:
+        """``weight * term`` for this step; zero (and no extra work) in eval mode or under no_grad.
+
+        Call it after the QAT model's forward on ``inputs`` that produced ``outputs``.
+        """
+        if not self.attached:
+            raise RuntimeError(f"{type(self).__name__} is not attached; call attach(model) first")
+        out = first_tensor(outputs)
+        if not self.active():
+            return out.new_zeros(())
+        ctx = context if context is not None else StepContext(inputs, self.fp_model, self.fp_taps)
+        term = self._loss(inputs, targets, out, ctx)
+        self.steps += 1
+        self.last_loss = term.detach()
+        for t in self._taps:
+            t.clear()
+        return self.weight * term
+
+    # -- to implement ---------------------------------------------------------------------
+    @abstractmethod
+    def _attach(self) -> None: ...
+
+    @abstractmethod
+    def _loss(self, inputs: Any, targets: torch.Tensor | None, outputs: torch.Tensor,
+              ctx: StepContext) -> torch.Tensor: ...
+
+    def _detach(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (e.g. an EMA teacher); default: the step counter."""
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (for logs and checkpoints)."""
+        return {"name": self.name, "weight": self.weight}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class RegularizerSet:
+    """Several regularizers attached to one model; ``loss`` sums their weighted terms.
+
+    The clean FP forward is shared (run once per step for all of them). A non-finite term raises
+    :class:`NonFiniteLossError` naming the regularizer. Use as a context manager to detach on exit.
+    """
+
+    def __init__(self, regularizers: Sequence[Regularizer], model: nn.Module, fp_model: nn.Module | None) -> None:
+        self.regularizers = list(regularizers)
+        self.model = model
+        self.fp_model = fp_model
+        self.last_losses: dict[str, float] = {}
+        self.check_finite = True
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.regularizers)
+
+    def __len__(self) -> int:
+        return len(self.regularizers)
+
+    def __enter__(self) -> "RegularizerSet":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def detach(self) -> None:
+        for r in reversed(self.regularizers):
+            if r.attached:
+                r.detach()
+
+    def loss(self, inputs: Any, targets: torch.Tensor | None, outputs: Any) -> torch.Tensor:
+        """Sum of ``weight * term`` of every regularizer for this step."""
+        out = first_tensor(outputs)
+        total = out.new_zeros(())
+        if not self.regularizers:
+            return total
+        fp_taps = [t for r in self.regularizers for t in r.fp_taps]
+        fp = self.regularizers[0].fp_model
+        ctx = StepContext(inputs, fp, fp_taps)
+        self.last_losses = {}
+        for i, r in enumerate(self.regularizers):
+            term = r.loss(inputs, targets, outputs, context=ctx)
+            if self.check_finite and not torch.isfinite(term.detach()).all():
+                raise NonFiniteLossError(
+                    f"regularizer {r.name!r} (#{i}) produced a non-finite loss ({term.item()}); lower its weight "
+                    "or the learning rate, or check the inputs")
+            key = r.name if r.name not in self.last_losses else f"{r.name}{i}"
+            self.last_losses[key] = float(term.detach())
+            total = total + term
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"regularizers": [{"config": r.config(), "state": r.state_dict()} for r in self.regularizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("regularizers", [])
+        if [s["config"]["name"] for s in saved] != [r.name for r in self.regularizers]:
+            raise ValueError("checkpoint regularizers "
+                             f"{[s['config']['name'] for s in saved]} do not match the attached "
+                             f"{[r.name for r in self.regularizers]}; use the config the checkpoint was made with")
+        for r, s in zip(self.regularizers, saved):
+            r.load_state_dict(s["state"])
+
+
+def attach(model: nn.Module, regularizers: Regularizer | Sequence[Regularizer], *,
+           fp_model: nn.Module | None = None) -> RegularizerSet:
+    """Attach one or several regularizers to ``model``; returns a :class:`RegularizerSet`.
+
+    Works directly or as a context manager (``with attach(...) as regs:``), which detaches all of
+    them on exit. ``model`` may be a ``DistributedDataParallel`` wrapper; layers are addressed by the
+    wrapped model's names. On failure, regularizers attached so far are detached again.
+    """
+    regs = [regularizers] if isinstance(regularizers, Regularizer) else list(regularizers)
+    for r in regs:
+        if not isinstance(r, Regularizer):
+            raise TypeError(f"expected Regularizer instances, got {type(r).__name__}")
+    if len({id(r) for r in regs}) != len(regs):
+        raise ValueError("the same regularizer instance is listed twice")
+    done: list[Regularizer] = []
+    try:
+        for r in regs:
+            r.attach(model, fp_model=fp_model)
+            done.append(r)
+    except BaseException:
+        for r in reversed(done):
+            r.detach()
+        raise
+    return RegularizerSet(regs, model, unwrap(fp_model) if fp_model is not None else None)

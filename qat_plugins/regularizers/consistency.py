@@ -1,0 +1,174 @@
+"""CR: consistency regularization (Zhang, Wu, Pang, Cai, Tao; arXiv 2402.13497)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..data import default_augment
+from ..taps import FeatureTap, default_feature_layers, first_tensor, strip_hooks, unwrap
+from ._losses import feature_mse, kd_kl, sigmoid_rampup
+from .base import Regularizer, StepContext
+
+__all__ = ["ConsistencyRegularizer"]
+
+_TEACHERS = ("ema", "none")
+
+
+class ConsistencyRegularizer(Regularizer):
+    """Two augmented views of a sample must agree in the quantized model's features and outputs.
+
+    Loss (``teacher="ema"``, version 2 of the paper)::
+
+        w(t) * [ T^2 KL(softmax(z_T(v2)/T) || softmax(z_S(v1)/T)) + sum_l MSE(f_S^l(v1), f_T^l(v2)) ]
+
+    where ``S`` is the quantized student, ``T`` an exponential moving average of it (no gradient),
+    ``v1`` the inputs of the training forward (the user's batch) and ``v2 = augment(inputs)``.
+    ``teacher="none"`` (version 1) compares the same quantized model on the two views; the second view
+    carries gradient too unless ``stop_grad_view2=True``.
+
+    Defaults (open in the paper; chosen here and measured in the benchmark):
+        layers=None: the logits (``"output"``, KL) and the input of the last linear layer (MSE).
+        weight=1.0; augment: :func:`qat_plugins.data.default_augment` (1-pixel shift + N(0, 0.1^2)
+        noise); teacher="ema"; ema_decay=0.99 (updated from the student at the start of each step, i.e.
+        after the previous optimizer step); temperature=1.0; rampup_steps=0 (sigmoid ramp-up
+        ``exp(-5(1-t/L)^2)`` of the weight over the first L steps); feature_weight=1.0. The teacher
+        normalises with batch statistics, as the training student does.
+
+    Cost: one extra no-grad teacher forward per step with ``teacher="ema"``; an extra forward and
+    backward with ``teacher="none"``.
+    """
+
+    name = "cr"
+
+    def __init__(self, layers: Sequence[str] | None = None, weight: float = 1.0,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, *, teacher: str = "ema",
+                 ema_decay: float = 0.99, temperature: float = 1.0, rampup_steps: int = 0,
+                 feature_weight: float = 1.0, stop_grad_view2: bool = False) -> None:
+        super().__init__(weight)
+        if teacher not in _TEACHERS:
+            raise ValueError(f"teacher must be one of {_TEACHERS}, got {teacher!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if rampup_steps < 0:
+            raise ValueError(f"rampup_steps must be >= 0, got {rampup_steps}")
+        if feature_weight < 0:
+            raise ValueError(f"feature_weight must be >= 0, got {feature_weight}")
+        if augment is not None and not callable(augment):
+            raise TypeError("augment must be a callable on batched tensors")
+        self.layers = list(layers) if layers is not None else None
+        self.augment = augment if augment is not None else default_augment()
+        self.teacher = teacher
+        self.ema_decay, self.temperature = float(ema_decay), float(temperature)
+        self.rampup_steps, self.feature_weight = int(rampup_steps), float(feature_weight)
+        self.stop_grad_view2 = stop_grad_view2
+        self.ema: nn.Module | None = None
+        self._student_tap: FeatureTap | None = None
+        self._teacher_tap: FeatureTap | None = None
+        self._features: list[str] = []
+
+    def _attach(self) -> None:
+        assert self.model is not None
+        student = unwrap(self.model)
+        layers = self.layers if self.layers is not None else default_feature_layers(student)
+        self._features = [n for n in layers if n != "output"]
+        self._student_tap = self.tap(student, self._features)
+        if self.teacher == "ema":
+            self.ema = strip_hooks(copy.deepcopy(student))
+            self.ema.requires_grad_(False)
+            # The teacher normalises with batch statistics like the training student: the running
+            # statistics inherited from the FP model do not fit a freshly quantized network, and an
+            # eval-mode teacher gives poor targets early in QAT. Its buffers are copied from the
+            # student at every update, so nothing it computes in train mode persists.
+            self.ema.train()
+            self._teacher_tap = FeatureTap(self.ema, self._features, always=True)
+            self._taps.append(self._teacher_tap)
+
+    def _detach(self) -> None:
+        self.ema = None
+        self._student_tap = self._teacher_tap = None
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        assert self.ema is not None and self.model is not None
+        student = unwrap(self.model)
+        d = self.ema_decay if self.steps > 0 else 0.0
+        for pt, ps in zip(self.ema.parameters(), student.parameters()):
+            if pt.shape != ps.shape:  # lazily sized quantizer parameters
+                pt.data = ps.detach().clone()
+            else:
+                pt.mul_(d).add_(ps.detach(), alpha=1.0 - d)
+        for bt, bs in zip(self.ema.buffers(), student.buffers()):
+            if bt.shape != bs.shape:
+                bt.data = bs.detach().clone()
+            else:
+                bt.copy_(bs)
+
+    def _loss(self, inputs: Any, targets: torch.Tensor | None, outputs: torch.Tensor,
+              ctx: StepContext) -> torch.Tensor:
+        assert self._student_tap is not None and self.model is not None
+        feats_v1 = dict(self._student_tap.features)
+        missing = [n for n in self._features if n not in feats_v1]
+        if missing:
+            raise RuntimeError(f"no features recorded for {missing}: call loss() right after the model's "
+                               "training forward on the same inputs")
+        view2 = self.augment(inputs)
+        if self.teacher == "ema":
+            self._update_ema()
+            assert self.ema is not None and self._teacher_tap is not None
+            with torch.no_grad():
+                out2 = first_tensor(self.ema(view2))
+            feats_v2 = dict(self._teacher_tap.features)
+            self._teacher_tap.clear()
+            stop = True
+        else:
+            self._student_tap.clear()
+            student = unwrap(self.model)
+            if self.stop_grad_view2:
+                self._student_tap.always = True  # record under no_grad too
+                try:
+                    with torch.no_grad():
+                        out2 = first_tensor(student(view2))
+                finally:
+                    self._student_tap.always = False
+            else:
+                out2 = first_tensor(student(view2))
+            feats_v2 = dict(self._student_tap.features)
+            stop = self.stop_grad_view2
+        loss = kd_kl(outputs, out2, self.temperature) if stop else _sym_kl(outputs, out2, self.temperature)
+        for name in self._features:
+            loss = loss + self.feature_weight * feature_mse(feats_v1[name].flatten(1), feats_v2[name].flatten(1),
+                                                            stop_grad_b=stop)
+        return sigmoid_rampup(self.steps, self.rampup_steps) * loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.ema is not None:
+            state["ema"] = {k: v.clone() for k, v in self.ema.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "layers": self.layers, "teacher": self.teacher, "ema_decay": self.ema_decay,
+                "temperature": self.temperature, "rampup_steps": self.rampup_steps,
+                "feature_weight": self.feature_weight, "stop_grad_view2": self.stop_grad_view2}
+
+
+def _sym_kl(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric KL with gradient through both sides (teacher-free CR)."""
+    import torch.nn.functional as F
+
+    t = temperature
+    la, lb = F.log_softmax(a / t, -1), F.log_softmax(b / t, -1)
+    kl_ab = (la.exp() * (la - lb)).sum(-1).mean()
+    kl_ba = (lb.exp() * (lb - la)).sum(-1).mean()
+    return (t * t) * 0.5 * (kl_ab + kl_ba)
