@@ -74,6 +74,9 @@ class FeaturePerturbationRegularizer(Regularizer):
         student = unwrap(self.model)
         self._names = self.layers if self.layers is not None else conv_layers(student)
         if not self._names:
+            if isinstance(student, torch.fx.GraphModule):
+                raise ValueError("FeaturePerturbationRegularizer needs conv layers as modules; this graph (PT2E) has "
+                                 "them as aten ops. Prepare the model with mode='eager' or 'fx' (or NNCF) for FPQ")
             raise ValueError("FeaturePerturbationRegularizer found no conv layers; pass layers=[...]")
         for n in self._names:
             find_site(student, n)  # validates names (ValueError with close matches)

@@ -1,0 +1,1 @@
+"""Integrations with third-party compression toolkits (optional dependencies, imported lazily)."""
