@@ -32,20 +32,20 @@ def _quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _nncf_is_weight(m: nn.Module) -> bool:
-    return bool(getattr(m, "is_weights", False)) or getattr(getattr(m, "_qspec", None), "is_weights", False)
-
-
 def activation_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every activation fake quantizer of ``model``."""
+    from ..integrations.nncf import is_nncf_model
+
+    if is_nncf_model(unwrap(model)):
+        from ..integrations.nncf import nncf_quantizers
+
+        return [(q.name, q.module) for q in nncf_quantizers(unwrap(model)) if q.kind == "activation"]
     acts = []
     for name, m in _quantizers(model):
         if isinstance(m, FakeQuantizeBase):
             # weights are signed (qint8) in every qconfig of this package and torch.ao's defaults
             if not _is_weight_name(name) and getattr(m, "dtype", None) in (torch.quint8, torch.uint8):
                 acts.append((name, m))
-        elif not _nncf_is_weight(m):
-            acts.append((name, m))
     return acts
 
 

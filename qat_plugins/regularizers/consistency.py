@@ -101,6 +101,8 @@ class ConsistencyRegularizer(Regularizer):
         for pt, ps in zip(self.ema.parameters(), student.parameters()):
             if pt.shape != ps.shape:  # lazily sized quantizer parameters
                 pt.data = ps.detach().clone()
+            elif not pt.is_floating_point():  # e.g. NNCF's integer bookkeeping parameters
+                pt.copy_(ps)
             else:
                 pt.mul_(d).add_(ps.detach(), alpha=1.0 - d)
         for bt, bs in zip(self.ema.buffers(), student.buffers()):
