@@ -1,0 +1,371 @@
+"""``qat-plugins`` command line (also ``python -m qat_plugins``).
+
+Commands::
+
+    qat-plugins train --config FILE [--resume] [--output-dir DIR] [--max-steps N]
+    qat-plugins demo [--quick] [--output-dir DIR]
+    qat-plugins export --checkpoint FILE --output FILE.onnx [--weight-format int8|int4|fp32]
+    qat-plugins validate --onnx FILE --checkpoint FILE [--json FILE]
+    qat-plugins bench [ARGS...]
+
+User errors (bad config, missing or corrupt files, non-finite losses, bad flags, an output directory
+that cannot be written or already holds results) print one line ``qat-plugins: error: <message>`` on
+stderr and exit with status 2. Files already in an output directory are never overwritten, except
+the run's own ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+__all__ = ["main", "run_demo", "DEMO_CONFIG", "DEMO_QUICK_CHANGES", "DEMO_REGULARIZERS"]
+
+PROG = "qat-plugins"
+
+# The demo: SmallResNet(width 16) on the embedded 8x8 digits, W4A4 LSQ with and without CR.
+# Student inputs are not augmented during QAT (qat.augment: false): CR augments them itself, and its
+# doubly augmented view of an already augmented 8x8 digit is a poor consistency target.
+DEMO_CONFIG: dict[str, Any] = {
+    "seed": 0,
+    "data": {"name": "digits", "batch_size": 64},
+    "model": {"name": "resnet", "width": 16},
+    "fp": {"epochs": 15, "lr": 0.01, "optimizer": "adam", "weight_decay": 0.0, "augment": True},
+    "qat": {"weight_bits": 4, "act_bits": 4, "mode": "eager", "epochs": 6, "lr": 0.01, "momentum": 0.9,
+            "weight_decay": 5e-5, "schedule": "cosine", "augment": False},
+    "output_dir": None,
+    "num_threads": 1,
+}
+DEMO_QUICK_CHANGES: dict[str, Any] = {"fp.epochs": 2, "qat.epochs": 1, "data.limit_train": 512}
+DEMO_REGULARIZERS: list[dict[str, Any]] = [{"name": "cr"}]  # ConsistencyRegularizer defaults
+DEMO_EXPORT_FORMATS = ("int8", "int4")
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage block
+        if "required: COMMAND" in message:
+            message = "missing command; choose one of train, demo, export, validate, bench"
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .regularizers import NonFiniteLossError
+
+    return (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError, NonFiniteLossError)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (works under redirection / capture)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("qat_plugins")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        h = _StderrHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(h)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# --- train ---------------------------------------------------------------------------------------
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import load_config, read_config_file, run
+    from .training.config import is_nncf_config
+
+    raw = read_config_file(args.config)
+    if is_nncf_config(raw):
+        return _run_nncf_config(args)
+    cfg = load_config(args.config)
+    result = run(cfg, output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps)
+    out = args.output_dir or cfg.output_dir  # type: ignore[union-attr]
+    if result.interrupted:
+        _out(f"stopped after step {result.steps} (--max-steps); continue with: {PROG} train --config {args.config} "
+             f"--resume" + (f" --output-dir {args.output_dir}" if args.output_dir else ""))
+        return 0
+    fp = result.fp_test_accuracy
+    _out(f"FP test top-1 {100 * fp:.2f}%  |  QAT W{cfg.qat.weight_bits}A{cfg.qat.act_bits} test top-1 "  # type: ignore[union-attr]
+         f"{100 * result.test_accuracy:.2f}%  |  {1000 * result.mean_step_time:.1f} ms/step")
+    if out:
+        _out(f"results: {Path(out) / 'results.json'}  checkpoint: {Path(out) / 'checkpoint.pt'}")
+    return 0
+
+
+def _run_nncf_config(args: argparse.Namespace) -> int:
+    """NNCF-style JSON configs go to ``qat_plugins.integrations.nncf.run_config``."""
+    try:
+        from .integrations import nncf as nncf_integration  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise ValueError(f"{args.config} is an NNCF-style config (top-level 'compression' / 'input_info'), but the "
+                         f"NNCF integration cannot be imported ({_one_line(e)}); install it with "
+                         "pip install -e '.[nncf]'") from None
+    run_config = getattr(nncf_integration, "run_config", None)
+    if run_config is None:
+        raise ValueError(f"{args.config} is an NNCF-style config, but qat_plugins.integrations.nncf has no "
+                         "run_config() in this version")
+    run_config(args.config, output_dir=args.output_dir, resume=args.resume)
+    return 0
+
+
+# --- demo ----------------------------------------------------------------------------------------
+def _demo_outputs(formats: Sequence[str]) -> list[str]:
+    return ["results.json"] + [f"w4a4_{tag}_{fmt}.onnx" for tag in ("lsq", "cr") for fmt in formats]
+
+
+def _export_available() -> tuple[Any, str | None]:
+    try:
+        from . import export as export_mod
+
+        for name in ("export_onnx", "validate_onnx", "format_table"):
+            if not hasattr(export_mod, name):
+                return None, f"qat_plugins.export has no {name}()"
+        return export_mod, None
+    except ImportError as e:
+        return None, _one_line(e)
+
+
+def run_demo(output_dir: str | Path = "runs/demo", *, quick: bool = False) -> dict[str, Any]:
+    """The main job: FP SmallResNet(16) on digits, W4A4 LSQ and W4A4 LSQ + CR, ONNX int8/int4 + ORT.
+
+    Writes ``results.json`` and the ONNX files into ``output_dir`` (refusing to overwrite) and
+    returns the results dict. ``quick`` trains fewer epochs (for tests).
+    """
+    import torch
+
+    from .training import build_fp_model, evaluate, load_config, load_data, train_fp, train_qat, update_config
+    from .training.trainer import prepare_output_dir, write_json
+
+    t_start = time.perf_counter()
+    export_mod, export_missing = _export_available()
+    formats = DEMO_EXPORT_FORMATS if export_mod is not None else ()
+    out = prepare_output_dir(output_dir, outputs=_demo_outputs(formats))
+    cfg = load_config(DEMO_CONFIG)
+    if quick:
+        cfg = update_config(cfg, DEMO_QUICK_CHANGES)
+    cfg_cr = update_config(cfg, {"regularizers": DEMO_REGULARIZERS})
+    assert cfg.num_threads is not None
+    torch.set_num_threads(cfg.num_threads)
+    log = logging.getLogger("qat_plugins.training")
+
+    data = load_data(cfg)
+    fp = build_fp_model(cfg, data)
+    log.info("demo: FP training, SmallResNet(width=%d) on %s (%d train / %d test)", cfg.model.width, data.name,
+             len(data.train), len(data.test))
+    t = time.perf_counter()
+    train_fp(fp, data, cfg)
+    fp_time = time.perf_counter() - t
+    fp_acc = evaluate(fp, data.test)
+    log.info("demo: W4A4 QAT, LSQ baseline")
+    lsq = train_qat(fp, data, cfg)
+    log.info("demo: W4A4 QAT, LSQ + consistency regularization (CR defaults)")
+    cr = train_qat(fp, data, cfg_cr)
+
+    rows = [("FP32", fp_acc, None, fp_time), ("W4A4 LSQ", lsq.test_accuracy, lsq.mean_step_time, None),
+            ("W4A4 LSQ + CR", cr.test_accuracy, cr.mean_step_time, None)]
+    _out()
+    _out(f"{'model':<15} {'test top-1':>10} {'vs FP':>7} {'ms/step':>8}")
+    _out(f"{'-' * 15} {'-' * 10} {'-' * 7} {'-' * 8}")
+    for name, acc, step, _ in rows:
+        delta = "-" if name == "FP32" else f"{100 * (acc - fp_acc):+.2f}"
+        ms = "-" if step is None else f"{1000 * step:.1f}"
+        _out(f"{name:<15} {100 * acc:>9.2f}% {delta:>7} {ms:>8}")
+
+    onnx_reports: list[dict[str, Any]] = []
+    if export_mod is None:
+        _out(f"\nONNX export skipped: qat_plugins.export is not available ({export_missing})")
+    else:
+        tables = []
+        x_example = data.test.tensors[0][:1]
+        for tag, title, res in (("lsq", "W4A4 LSQ", lsq), ("cr", "W4A4 LSQ + CR", cr)):
+            reports = []
+            for fmt in formats:
+                path = out / f"w4a4_{tag}_{fmt}.onnx"
+                log.info("demo: exporting %s and validating it in ONNX Runtime", path.name)
+                export_mod.export_onnx(res.model, path, x_example, weight_format=fmt)
+                rep = export_mod.validate_onnx(path, res.model, data.test, num_threads=cfg.num_threads)
+                reports.append(rep)
+                onnx_reports.append({"model": f"w4a4_{tag}", **rep.to_dict()})
+            tables.append(f"{title}:\n{export_mod.format_table(reports)}")
+        _out("\nONNX Runtime validation on the test split (ORT vs PyTorch fake-quant model):")
+        _out("\n\n".join(tables))
+
+    total = time.perf_counter() - t_start
+    results = {
+        "quick": quick,
+        "accuracy": {"fp": fp_acc, "w4a4_lsq": lsq.test_accuracy, "w4a4_lsq_cr": cr.test_accuracy},
+        "mean_step_time_s": {"w4a4_lsq": lsq.mean_step_time, "w4a4_lsq_cr": cr.mean_step_time},
+        "history": {"w4a4_lsq": lsq.history, "w4a4_lsq_cr": cr.history},
+        "onnx": onnx_reports,
+        "config": cfg.to_dict(),
+        "regularizers": DEMO_REGULARIZERS,
+        "wall_time_s": total,
+    }
+    from . import __version__
+
+    results["package_version"] = __version__
+    write_json(out / "results.json", results)
+    _out(f"\nresults: {out / 'results.json'}  ({total:.0f} s)")
+    return results
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(args.output_dir, quick=args.quick)
+    return 0
+
+
+# --- export / validate / bench (optional modules, imported lazily) -------------------------------
+def _import_export() -> Any:
+    try:
+        from . import export as export_mod
+    except ImportError as e:
+        raise ValueError(f"ONNX export is not available: qat_plugins.export cannot be imported ({_one_line(e)})") from None
+    return export_mod
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    export_mod = _import_export()
+    from .training.trainer import load_trained
+
+    target = Path(args.output)
+    if target.exists():
+        raise FileExistsError(f"{target} exists; not overwriting it")
+    model, _fp, _cfg, data = load_trained(args.checkpoint)
+    path = export_mod.export_onnx(model, target, data.test.tensors[0][:1], weight_format=args.weight_format)
+    _out(f"wrote {path}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    export_mod = _import_export()
+    from .training.trainer import load_trained, write_json
+
+    if not Path(args.onnx).is_file():
+        raise FileNotFoundError(f"ONNX file {args.onnx} does not exist")
+    model, _fp, _cfg, data = load_trained(args.checkpoint)
+    report = export_mod.validate_onnx(args.onnx, model, data.test)
+    _out(export_mod.format_table([report]))
+    if args.json:
+        write_json(args.json, report.to_dict())
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from . import bench as bench_mod  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise ValueError(f"benchmarks are not available: qat_plugins.bench cannot be imported ({_one_line(e)})") from None
+    entry = getattr(bench_mod, "main", None)
+    if entry is None:
+        raise ValueError("qat_plugins.bench has no main(argv) in this version")
+    return int(entry(list(args.bench_args)) or 0)
+
+
+# --- parser / main -------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog=PROG, description="Low-bit QAT with consistency / feature-perturbation / block-replacement "
+                                      "regularizers; ONNX export and ONNX Runtime validation.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results (no per-epoch log)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train", help="FP + QAT training from a YAML/JSON config (NNCF-style JSON is routed to NNCF)")
+    t.add_argument("--config", required=True, metavar="FILE", help="YAML or JSON config (see examples/train_config.yaml)")
+    t.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    t.add_argument("--output-dir", metavar="DIR", help="overrides output_dir of the config")
+    t.add_argument("--max-steps", type=_positive_int, metavar="N",
+                   help="stop after N QAT steps, leaving a checkpoint to --resume from")
+    t.set_defaults(func=_cmd_train)
+
+    d = sub.add_parser("demo", help="the main job on the embedded digits: FP, W4A4 LSQ, W4A4 LSQ + CR, ONNX + ORT")
+    d.add_argument("--quick", action="store_true", help="fewer epochs (seconds instead of about two minutes)")
+    d.add_argument("--output-dir", default="runs/demo", metavar="DIR", help="where results go (default: runs/demo)")
+    d.set_defaults(func=_cmd_demo)
+
+    e = sub.add_parser("export", help="export a trained checkpoint to ONNX (QDQ int8 / int4 weights)")
+    e.add_argument("--checkpoint", required=True, metavar="FILE")
+    e.add_argument("--output", required=True, metavar="FILE.onnx")
+    e.add_argument("--weight-format", default="int8", choices=("int8", "int4", "fp32"))
+    e.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("validate", help="run an ONNX file in ONNX Runtime next to its checkpoint's model")
+    v.add_argument("--onnx", required=True, metavar="FILE")
+    v.add_argument("--checkpoint", required=True, metavar="FILE")
+    v.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    v.set_defaults(func=_cmd_validate)
+
+    b = sub.add_parser("bench", help="benchmarks (qat_plugins.bench)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark runner")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``qat-plugins``; returns the exit status (2 for user errors)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _fail(_one_line(e))
+    except SystemExit as e:  # --help / --version
+        return int(e.code or 0) if not isinstance(e.code, str) else _fail(e.code)
+    _setup_logging(args.quiet)
+    errors = _user_errors()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            return int(args.func(args) or 0)
+    except errors as e:
+        return _fail(_one_line(e))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Atomic, self-describing training checkpoints.
+
+A checkpoint (``torch.save`` of plain containers and tensors, loadable with ``weights_only=True``)
+holds everything needed to continue a QAT run bit for bit:
+
+* ``model`` -- the QAT model's ``state_dict`` (weights, BN statistics, fake-quant scales / flags),
+* ``fp_model`` -- the full-precision model's ``state_dict``,
+* ``optimizer`` / ``scheduler`` state, ``regularizers`` (``RegularizerSet.state_dict()``),
+* ``rng`` -- torch, numpy and Python ``random`` states plus named ``torch.Generator`` s
+  (augmentation, DataLoader),
+* ``progress`` -- epoch, step, batch within the epoch, history and the running epoch sums,
+* ``config`` / ``config_hash`` and the package / torch versions.
+
+Files are written to a temporary file in the same directory and moved into place with
+``os.replace``, so a crash leaves either the old or the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .config import TrainConfig, config_diff, config_hash
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng",
+    "check_config_matches", "atomic_write_bytes",
+]
+
+CHECKPOINT_FORMAT = "qat_plugins.checkpoint/1"
+
+
+def _package_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory, then rename).
+
+    With ``overwrite=False`` an existing file is never replaced (``FileExistsError``).
+    """
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file the usual permissions
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            try:
+                os.link(tmp, p)  # fails if p exists: no overwrite, still atomic
+            except FileExistsError:
+                raise FileExistsError(f"{p} already exists; not overwriting it") from None
+            except OSError:  # file systems without hard links
+                if p.exists():
+                    raise FileExistsError(f"{p} already exists; not overwriting it") from None
+                os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+    """Atomically write a checkpoint dict (adds format and version fields); returns the path."""
+    p = Path(path)
+    full = {"format": CHECKPOINT_FORMAT, "package_version": _package_version(), "torch_version": str(torch.__version__),
+            **state}
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(full, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+_REQUIRED = ("model", "fp_model", "optimizer", "scheduler", "rng", "progress", "config", "config_hash")
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: truncated, corrupt or not a qat_plugins checkpoint (the message names the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - zip / pickle / EOF errors of a damaged file
+        detail = " ".join(str(e).split())
+        if "Weights only load failed" in detail:
+            detail = "not loadable with weights_only=True"
+        detail = detail[:200]
+        raise ValueError(f"checkpoint {p} is truncated or corrupt ({type(e).__name__}: {detail}); delete it and "
+                         "start again without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{p} is not a qat_plugins training checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {p} is incomplete (missing {missing}); delete it and start again")
+    return state
+
+
+def check_config_matches(ckpt: Mapping[str, Any], cfg: TrainConfig, path: str | os.PathLike[str] = "checkpoint") -> None:
+    """Raise ``ValueError`` naming the differing fields when ``ckpt`` was made with another config."""
+    if ckpt.get("config_hash") == config_hash(cfg):
+        return
+    diffs = config_diff(ckpt["config"], cfg.to_dict())
+    if not diffs:  # hash differs only through formatting of equal values
+        return
+    shown = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs[:8])
+    more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
+    raise ValueError(f"checkpoint {path} was made with a different config: {shown}{more}; resume with the "
+                     "config it was made with, or start a new run in another output directory")
+
+
+# --- random number generators -------------------------------------------------------------------
+def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """torch / numpy / Python ``random`` states and the states of named generators."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+
+
+def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    saved = state.get("generators", {})
+    for name, g in (generators or {}).items():
+        if name in saved:
+            g.set_state(saved[name])
