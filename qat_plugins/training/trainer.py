@@ -469,7 +469,8 @@ def _check_same_fp(saved: Mapping[str, torch.Tensor], fp_model: nn.Module, path:
 def train_qat(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[str, Any] | str, *,
               regularizers: Sequence[Regularizer] | None = None, checkpoint_path: str | Path | None = None,
               resume: bool = False, max_steps: int | None = None,
-              callback: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+              callback: Callable[[int, dict[str, Any]], None] | None = None,
+              prepare_fn: Callable[[nn.Module, DataSplit, TrainConfig], nn.Module] | None = None) -> TrainResult:
     """Quantization-aware training of a copy of ``fp_model`` (which is left unchanged).
 
     Args:
@@ -485,6 +486,8 @@ def train_qat(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[s
         max_steps: stop after this many QAT steps in total (``interrupted=True``), leaving a checkpoint.
         callback: ``callback(step, metrics)`` after every step (and checkpoint); an exception it raises
             stops training with the last checkpoint intact.
+        prepare_fn: ``prepare_fn(fp_model, data, cfg) -> student`` builds the QAT model instead of
+            :func:`prepare_student` (e.g. NNCF's flow); it must return a calibrated copy in train mode.
 
     Raises:
         NonFiniteLossError: non-finite loss with ``nan_policy="raise"`` (or after ``max_skipped`` skips),
@@ -506,7 +509,7 @@ def train_qat(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[s
         _check_same_fp(ckpt["fp_model"], fp_model, ckpt_path)
 
     seed_everything(cfg.seed + 1)
-    student = prepare_student(fp_model, data, cfg)
+    student = (prepare_fn or prepare_student)(fp_model, data, cfg)
     regs_list = build_regularizers(cfg.regularizers) if regularizers is None else list(regularizers)
     if q.augment and any(r.name == "cr" for r in regs_list) and is_rank0():
         log.warning("note: qat.augment is on and the consistency regularizer augments those inputs again; on small "
