@@ -4,8 +4,8 @@ Commands::
 
     qat-plugins train --config FILE [--resume] [--output-dir DIR] [--max-steps N]
     qat-plugins demo [--quick] [--output-dir DIR]
-    qat-plugins export --checkpoint FILE --output FILE.onnx [--weight-format int8|int4|fp32]
-    qat-plugins validate --onnx FILE --checkpoint FILE [--json FILE]
+    qat-plugins export --checkpoint FILE --format int8|int4|fp32 --out FILE.onnx
+    qat-plugins validate FILE.onnx --checkpoint FILE [--json] [--json-out FILE]
     qat-plugins bench [ARGS...]
 
 User errors (bad config, missing or corrupt files, non-finite losses, bad flags, an output directory
@@ -17,6 +17,7 @@ the run's own ``checkpoint.pt``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -135,7 +136,16 @@ def _run_nncf_config(args: argparse.Namespace) -> int:
     if run_config is None:
         raise ValueError(f"{args.config} is an NNCF-style config, but qat_plugins.integrations.nncf has no "
                          "run_config() in this version")
-    run_config(args.config, output_dir=args.output_dir, resume=args.resume)
+    extra = {"max_steps": args.max_steps} if args.max_steps is not None else {}
+    res = run_config(args.config, output_dir=args.output_dir, resume=args.resume, **extra)
+    if isinstance(res, dict) and res.get("interrupted"):
+        _out(f"stopped after step {res.get('steps')} (--max-steps); continue with: {PROG} train --config "
+             f"{args.config} --resume" + (f" --output-dir {args.output_dir}" if args.output_dir else ""))
+    elif isinstance(res, dict) and "test_accuracy" in res:
+        onnx = (res.get("onnx") or {}).get("validation") or {}
+        _out(f"FP test top-1 {100 * res['fp_test_accuracy']:.2f}%  |  NNCF QAT {res.get('quantization', '')} test "
+             f"top-1 {100 * res['test_accuracy']:.2f}%" + (f"  |  ONNX Runtime top-1 {100 * onnx['onnx_top1']:.2f}%"
+                                                            if "onnx_top1" in onnx else ""))
     return 0
 
 
@@ -241,7 +251,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, quick: bool = False) -> di
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(args.output_dir, quick=args.quick)
+    out = args.output_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    run_demo(out, quick=args.quick)
     return 0
 
 
@@ -271,13 +282,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     export_mod = _import_export()
     from .training.trainer import load_trained, write_json
 
-    if not Path(args.onnx).is_file():
-        raise FileNotFoundError(f"ONNX file {args.onnx} does not exist")
+    onnx_path = args.onnx_path or args.onnx
+    if not onnx_path:
+        raise ValueError("validate needs the ONNX file: qat-plugins validate MODEL.onnx --checkpoint FILE")
+    if not Path(onnx_path).is_file():
+        raise FileNotFoundError(f"ONNX file {onnx_path} does not exist")
     model, _fp, _cfg, data = load_trained(args.checkpoint)
-    report = export_mod.validate_onnx(args.onnx, model, data.test)
-    _out(export_mod.format_table([report]))
+    report = export_mod.validate_onnx(onnx_path, model, data.test)
     if args.json:
-        write_json(args.json, report.to_dict())
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _out(export_mod.format_table([report]))
+    if args.json_out:
+        write_json(args.json_out, report.to_dict())
     return 0
 
 
@@ -323,19 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the embedded digits: FP, W4A4 LSQ, W4A4 LSQ + CR, ONNX + ORT")
     d.add_argument("--quick", action="store_true", help="fewer epochs (seconds instead of about two minutes)")
-    d.add_argument("--output-dir", default="runs/demo", metavar="DIR", help="where results go (default: runs/demo)")
+    d.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="where results go (default: a new runs/demo-YYYYmmdd-HHMMSS; never overwritten)")
     d.set_defaults(func=_cmd_demo)
 
     e = sub.add_parser("export", help="export a trained checkpoint to ONNX (QDQ int8 / int4 weights)")
-    e.add_argument("--checkpoint", required=True, metavar="FILE")
-    e.add_argument("--output", required=True, metavar="FILE.onnx")
-    e.add_argument("--weight-format", default="int8", choices=("int8", "int4", "fp32"))
+    e.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint.pt of `qat-plugins train`/`demo`")
+    e.add_argument("--out", "--output", dest="output", required=True, metavar="FILE.onnx", help="ONNX file to write")
+    e.add_argument("--format", "--weight-format", dest="weight_format", default="int8", choices=("int8", "int4", "fp32"),
+                   help="weight storage: int8 QDQ, packed INT4 (opset 21) or float (default: int8)")
     e.set_defaults(func=_cmd_export)
 
     v = sub.add_parser("validate", help="run an ONNX file in ONNX Runtime next to its checkpoint's model")
-    v.add_argument("--onnx", required=True, metavar="FILE")
-    v.add_argument("--checkpoint", required=True, metavar="FILE")
-    v.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    v.add_argument("onnx_path", nargs="?", metavar="MODEL.onnx", help="the ONNX file to run")
+    v.add_argument("--onnx", metavar="FILE", help=argparse.SUPPRESS)
+    v.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint of the PyTorch model to compare with")
+    v.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    v.add_argument("--json-out", metavar="FILE", help="also write the report as JSON to FILE")
     v.set_defaults(func=_cmd_validate)
 
     b = sub.add_parser("bench", help="benchmarks (qat_plugins.bench)")

@@ -127,6 +127,24 @@ def test_export_from_checkpoint(trained, tmp_path, capsys):
     _one_error_line(capsys.readouterr().err, "exists")
 
 
+def test_export_and_validate_with_documented_flags(trained, tmp_path, capsys):
+    """`export --format --out` and `validate MODEL.onnx --checkpoint --json` as the README shows them."""
+    if not _export_available():
+        pytest.skip("qat_plugins.export not available")
+    import json
+
+    d, _, _ = trained
+    ckpt = str(d / "run" / "checkpoint.pt")
+    target = tmp_path / "m8.onnx"
+    assert main(["export", "--checkpoint", ckpt, "--format", "int8", "--out", str(target)]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(target), "--checkpoint", ckpt, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1_agreement"] >= 0.99 and report["size_bytes"] == target.stat().st_size
+    assert main(["validate", str(tmp_path / "missing.onnx"), "--checkpoint", ckpt]) == 2
+    _one_error_line(capsys.readouterr().err, "does not exist")
+
+
 # --- user errors: one line on stderr, exit 2 ----------------------------------------------------
 def test_bad_usage_exits_2_with_one_line(capsys, tmp_path):
     good = _write_config(tmp_path / "c.yaml", SMALL)
