@@ -179,12 +179,13 @@ class FeatureTap:
     ``record`` mode stores the features of the latest training forward in :attr:`features`;
     a ``transform`` (``fn(name, tensor) -> tensor``) rewrites them in the forward (used for feature
     perturbation and block replacement). Both act only when ``self.enabled`` and the model runs in
-    training mode with grad enabled, unless ``always=True``.
+    training mode with grad enabled, unless ``always=True``. ``prepend=True`` runs the site hooks before
+    hooks already registered on the same modules.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], *, side: str = "output",
                  record: bool = True, transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                 always: bool = False, sites: Iterable[TapSite] | None = None) -> None:
+                 always: bool = False, sites: Iterable[TapSite] | None = None, prepend: bool = False) -> None:
         self.model = unwrap(model)
         self.sites = list(sites) if sites is not None else [find_site(self.model, n, side=side) for n in names]
         self.record = record
@@ -201,9 +202,9 @@ class FeatureTap:
         for sites in by_module.values():
             mod = sites[0].module
             if any(s.side == "input" for s in sites):
-                _register(mod.register_forward_pre_hook(self._make_pre(sites)), self._handles)
+                _register(mod.register_forward_pre_hook(self._make_pre(sites), prepend=prepend), self._handles)
             if any(s.side == "output" for s in sites):
-                _register(mod.register_forward_hook(self._make_post(sites)), self._handles)
+                _register(mod.register_forward_hook(self._make_post(sites), prepend=prepend), self._handles)
 
     @property
     def names(self) -> list[str]:

@@ -207,8 +207,8 @@ class _GridFakeQuantize(FakeQuantizeBase):
             s, z = self._qparams_from_range(*self._minmax(x))  # zero point from the range
             dims = self._reduce_dims(x)
             mean_abs = x.detach().abs().mean(dim=dims) if self.is_per_channel else x.detach().abs().mean().reshape(1)
-            qp = max(abs(self.quant_min), self.quant_max)
-            return torch.clamp(2 * mean_abs / math.sqrt(qp), min=self.eps), z
+            # LSQ's Q_P: the largest positive level (2^(b-1)-1 signed, 2^b-1 unsigned)
+            return torch.clamp(2 * mean_abs / math.sqrt(self.quant_max), min=self.eps), z
         return self._mse_qparams(x)
 
     def calculate_qparams(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -250,7 +250,7 @@ class LSQFakeQuantize(_GridFakeQuantize):
         bits: bit width 2..8, an alternative to ``quant_min``/``quant_max``.
         init: ``"mse"`` (default; grid search of the clipping range minimising the
             reconstruction error on the first batch), ``"minmax"`` (``s = (max-min)/(2^b-1)``) or
-            ``"lsq"`` (``s = 2 mean|x| / sqrt(Q_p)``).
+            ``"lsq"`` (``s = 2 mean|x| / sqrt(Q_p)``), with ``Q_p = quant_max`` as in LSQ.
         learn_scale: train the scale (``True``) or keep it at its initial value.
 
     The step size receives LSQ's gradient scale ``1 / sqrt(numel_per_scale * Q_p)``. Observing
@@ -293,7 +293,7 @@ class LSQFakeQuantize(_GridFakeQuantize):
         if self.fake_quant_enabled[0] == 0:
             return x
         n = x.numel() / max(1, self.scale.numel())
-        g = 1.0 / math.sqrt(n * max(abs(self.quant_min), self.quant_max))
+        g = 1.0 / math.sqrt(n * self.quant_max)  # LSQ: g = 1/sqrt(N * Q_P), Q_P = quant_max
         scale = torch.clamp(_grad_scale(self.scale, g), min=self.eps)
         return fake_quantize(x, scale.to(x.dtype), self.zero_point.to(x.dtype), self.quant_min,
                              self.quant_max, self.ch_axis)

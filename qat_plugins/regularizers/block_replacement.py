@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..taps import FeatureTap, find_site, first_tensor, unwrap
+from ..quant.prepare import _fusion_groups
+from ..taps import FeatureTap, TapSite, find_site, first_tensor, unwrap
 from ._losses import kd_kl
 from .base import Regularizer, StepContext
 
@@ -69,9 +70,27 @@ class BlockReplacementRegularizer(Regularizer):
             except ValueError as e:
                 raise ValueError(f"block {b!r} is not in the FP model: {e}") from None
         self._q_tap = self.tap(student, self.blocks)
-        self._replace = FeatureTap(self.fp_model, self.blocks, record=False, transform=self._swap, always=True)
+        sites = []
+        for b in self.blocks:
+            site = find_site(self.fp_model, self._fp_block(student, b))
+            sites.append(TapSite(b, site.module, site.occurrence, site.side))
+        self._replace = FeatureTap(self.fp_model, (), record=False, transform=self._swap, always=True, sites=sites)
         self._replace.enabled = False
         self._taps.append(self._replace)  # removed on detach; enabled only inside _mixed_forward
+
+    def _fp_block(self, student: torch.nn.Module, block: str) -> str:
+        """The FP-model name whose output matches the QAT model's ``block`` output.
+
+        ``prepare_qat`` fuses conv -> bn (-> relu) into one QAT module named after the conv whose output
+        is after BN (and ReLU); the FP conv's own output is before BN. Replacing it there would run BN
+        (and ReLU) twice, so a fused block is replaced at the end of its FP fusion group instead.
+        """
+        assert self.fp_model is not None
+        fused = isinstance(getattr(find_site(student, block).module, "bn", None), torch.nn.modules.batchnorm._BatchNorm)
+        fp_module = dict(self.fp_model.named_modules()).get(block)
+        if not fused or fp_module is None or hasattr(fp_module, "bn"):
+            return block
+        return next((g[-1] for g in _fusion_groups(self.fp_model) if g[0] == block), block)
 
     def _swap(self, name: str, fp_feature: torch.Tensor) -> torch.Tensor:
         if name != self._current:

@@ -81,8 +81,10 @@ class FeaturePerturbationRegularizer(Regularizer):
         for n in self._names:
             find_site(student, n)  # validates names (ValueError with close matches)
         quantizers = activation_quantizers(student)
-        # 0. forget the addresses of the previous forward at the start of each forward
-        self.tap(student, sites=[TapSite("input", student, 0, "input")], record=False, transform=self._forget)
+        # 0. forget the addresses of the previous forward at the start of each forward, before any
+        #    other pre-hook (eager prepare_qat quantizes the model input in a pre-hook of the model)
+        self.tap(student, sites=[TapSite("input", student, -1, "input")], record=False, transform=self._forget,
+                 prepend=True)
         # 1. remember each activation quantizer's step size by the address of its output
         for qname, qmod in quantizers:
             self.tap(student, sites=[_site(qname, qmod)], record=False, transform=self._make_recorder(qmod))

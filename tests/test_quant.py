@@ -1,0 +1,607 @@
+"""Fake quantizers, QConfigs and ``prepare_qat`` (eager and FX) on the reference models.
+
+Grid values and LSQ gradients are checked against hand computations on small tensors; the
+``prepare_qat`` checks run the two reference models (width 8) on real digits batches. Prepared models
+are built once per module and deep-copied where a test changes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.quantization import FakeQuantizeBase, QConfig, QConfigMapping
+
+import qat_plugins as qp
+from qat_plugins.models import SmallCNN, SmallResNet
+from qat_plugins.quant import LSQFakeQuantize, MinMaxFakeQuantize, fake_quantize, quant_range
+from qat_plugins.quant.prepare import quantizable_layers
+from qat_plugins.quant.step_size import activation_quantizers, weight_quantizers
+
+FUSED_QAT = (torch.ao.nn.intrinsic.qat.ConvBn2d, torch.ao.nn.intrinsic.qat.ConvBnReLU2d)
+MODELS = {"cnn": SmallCNN, "resnet": SmallResNet}
+BAD_BITS = [(0, ValueError), (1, ValueError), (9, ValueError), ("four", TypeError), (True, TypeError),
+            (4.0, TypeError)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def batch(digits):
+    x, y = digits.train.tensors
+    return x[:64], y[:64]
+
+
+def _initialized(fq: FakeQuantizeBase, scale, zero_point=0.0) -> FakeQuantizeBase:
+    """Set qparams by hand and mark the quantizer initialised (no first-batch calibration)."""
+    scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    zp = torch.as_tensor(zero_point, dtype=torch.float32).reshape(-1).expand_as(scale).clone()
+    fq._resize_to(scale.numel())
+    with torch.no_grad():
+        fq.scale.copy_(scale)
+        fq.zero_point.copy_(zp)
+    fq.initialized.fill_(1)
+    return fq
+
+
+def _lsq_grad_scale(fq: LSQFakeQuantize, numel: int) -> float:
+    # LSQ (Esser et al. 2020): g = 1 / sqrt(N * Q_P), Q_P the largest positive level = quant_max
+    return 1.0 / math.sqrt(numel / fq.scale.numel() * fq.quant_max)
+
+
+# --- quant_range and bit-width validation ------------------------------------------------------
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_quant_range_every_supported_width(bits):
+    assert quant_range(bits, True) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert quant_range(bits, False) == (0, 2**bits - 1)
+    fq = LSQFakeQuantize(bits=bits, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    assert (fq.bits, fq.quant_min, fq.quant_max) == (bits, *quant_range(bits, True))
+    mm = MinMaxFakeQuantize(bits=bits)
+    assert (mm.bits, mm.quant_min, mm.quant_max) == (bits, 0, 2**bits - 1)
+    assert isinstance(qp.qconfig(bits, bits), QConfig)
+
+
+@pytest.mark.parametrize("bits,exc", BAD_BITS)
+def test_bad_bits_rejected_with_clear_message(bits, exc):
+    for call in (lambda: quant_range(bits, True), lambda: LSQFakeQuantize(bits=bits),
+                 lambda: MinMaxFakeQuantize(bits=bits), lambda: qp.qconfig(bits, 8), lambda: qp.qconfig(8, bits),
+                 lambda: qp.qconfig_mapping(weight_bits=bits)):
+        with pytest.raises(exc, match="2 to 8"):
+            call()
+
+
+@pytest.mark.parametrize("bits,exc", BAD_BITS[:5])
+def test_prepare_qat_rejects_bad_bits(bits, exc):
+    for kw in ({"weight_bits": bits}, {"act_bits": bits}):
+        with pytest.raises(exc, match="2 to 8"):
+            qp.prepare_qat(SmallCNN(width=4), **kw)
+
+
+def test_bad_quantizer_arguments():
+    with pytest.raises(ValueError, match="2\\^b levels"):
+        LSQFakeQuantize(quant_min=0, quant_max=5)  # 6 levels
+    with pytest.raises(ValueError, match="2\\^b levels"):
+        LSQFakeQuantize(quant_min=0, quant_max=1)  # 1 bit
+    with pytest.raises(ValueError, match="does not fit dtype"):
+        LSQFakeQuantize(quant_min=-2, quant_max=1, dtype=torch.quint8)
+    with pytest.raises(ValueError, match="init must be one of"):
+        LSQFakeQuantize(bits=4, init="percentile")
+    with pytest.raises(ValueError, match="dtype"):
+        LSQFakeQuantize(bits=4, dtype=torch.float16)
+    with pytest.raises(ValueError, match="dynamic"):
+        LSQFakeQuantize(bits=4, is_dynamic=True)
+    with pytest.raises(ValueError, match="averaging_constant"):
+        MinMaxFakeQuantize(bits=4, averaging_constant=0.0)
+
+
+# --- grid values by hand ------------------------------------------------------------------------
+def test_lsq_grid_per_tensor_signed_by_hand():
+    fq = _initialized(LSQFakeQuantize(bits=3, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric), 0.5)
+    assert (fq.quant_min, fq.quant_max) == (-4, 3)
+    x = torch.tensor([-3.0, -1.2, -0.26, 0.0, 0.24, 0.76, 1.4, 5.0])
+    # x/s = [-6, -2.4, -0.52, 0, 0.48, 1.52, 2.8, 10] -> clamp(round) = [-4, -2, -1, 0, 0, 2, 3, 3]
+    expected = torch.tensor([-4, -2, -1, 0, 0, 2, 3, 3]) * 0.5
+    torch.testing.assert_close(fq(x), expected, rtol=0, atol=0)
+    # the functional form gives the same grid
+    torch.testing.assert_close(fake_quantize(x, torch.tensor([0.5]), torch.zeros(1), -4, 3), expected, rtol=0, atol=0)
+
+
+def test_lsq_grid_per_channel_signed_by_hand():
+    fq = LSQFakeQuantize(bits=2, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    _initialized(fq, [0.5, 0.1])
+    x = torch.tensor([[-2.0, -0.3, 0.2, 0.4, 3.0],
+                      [-2.0, -0.13, 0.04, 0.07, 3.0]])
+    # channel 0: x/0.5 = [-4, -0.6, 0.4, 0.8, 6]   -> [-2, -1, 0, 1, 1]
+    # channel 1: x/0.1 = [-20, -1.3, 0.4, 0.7, 30] -> [-2, -1, 0, 1, 1]
+    q = torch.tensor([[-2, -1, 0, 1, 1], [-2, -1, 0, 1, 1]], dtype=torch.float32)
+    torch.testing.assert_close(fq(x), q * torch.tensor([[0.5], [0.1]]))
+    # ch_axis=1: the same scales now apply along columns
+    fq1 = LSQFakeQuantize(bits=2, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=1)
+    _initialized(fq1, [0.5, 0.1])
+    torch.testing.assert_close(fq1(x.t().contiguous()), (q * torch.tensor([[0.5], [0.1]])).t())
+
+
+def test_lsq_grid_unsigned_with_zero_point_by_hand():
+    fq = _initialized(LSQFakeQuantize(bits=2, dtype=torch.quint8, qscheme=torch.per_tensor_affine), 0.25, 1.0)
+    assert (fq.quant_min, fq.quant_max) == (0, 3)
+    x = torch.tensor([-1.0, -0.3, 0.1, 0.3, 0.6, 2.0])
+    # x/s + z = [-3, -0.2, 1.4, 2.2, 3.4, 9] -> clamp(round) = [0, 0, 1, 2, 3, 3]; x_hat = (q - 1) * 0.25
+    expected = (torch.tensor([0, 0, 1, 2, 3, 3]) - 1) * 0.25
+    torch.testing.assert_close(fq(x), expected.float())
+
+
+def test_asymmetric_minmax_init_zero_point_by_hand():
+    fq = LSQFakeQuantize(bits=2, dtype=torch.quint8, qscheme=torch.per_tensor_affine, init="minmax")
+    x = torch.tensor([-1.0, -0.5, 0.0, 1.0, 2.2, 3.0])
+    out = fq(x)
+    # s = (3 - (-1)) / 3 = 4/3, z = round(0 - (-1) / s) = round(0.75) = 1; grid {-4/3, 0, 4/3, 8/3}
+    torch.testing.assert_close(fq.scale.detach(), torch.tensor([4 / 3]))
+    torch.testing.assert_close(fq.zero_point, torch.tensor([1.0]))
+    assert int(fq.initialized) == 1
+    s = 4 / 3
+    torch.testing.assert_close(out.detach(), torch.tensor([-s, 0.0, 0.0, s, 2 * s, 2 * s]))
+    scale, zp = fq.calculate_qparams()
+    assert zp.dtype == torch.int32 and int(zp) == 1 and scale.dtype == torch.float32
+
+
+def test_clamping_to_the_grid_ends():
+    for signed in (True, False):
+        qmin, qmax = quant_range(4, signed)
+        fq = _initialized(LSQFakeQuantize(bits=4, dtype=torch.qint8 if signed else torch.quint8,
+                                          qscheme=torch.per_tensor_symmetric if signed else torch.per_tensor_affine),
+                          0.1)
+        out = fq(torch.tensor([-1e6, -100.0, 100.0, 1e6]))
+        torch.testing.assert_close(out, torch.tensor([qmin, qmin, qmax, qmax]) * 0.1)
+        # every output lies on the grid
+        y = fq(torch.randn(1000) * 3)
+        q = y / 0.1
+        assert torch.allclose(q, q.round(), atol=1e-4) and q.min() >= qmin and q.max() <= qmax
+
+
+# --- gradients ---------------------------------------------------------------------------------
+def _grad_setup(per_channel: bool, signed: bool, zp: float = 0.0):
+    torch.manual_seed(0)
+    if per_channel:
+        fq = LSQFakeQuantize(bits=3, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+        _initialized(fq, [0.3, 0.7])
+        x = torch.randn(2, 40) * torch.tensor([[1.0], [2.0]])
+    else:
+        dtype = torch.qint8 if signed else torch.quint8
+        qs = torch.per_tensor_symmetric if signed else torch.per_tensor_affine
+        fq = _initialized(LSQFakeQuantize(bits=3, dtype=dtype, qscheme=qs), 0.4, zp)
+        x = torch.randn(80) * 1.5
+    # keep x/s + z away from rounding ties and the clamp boundaries (derivatives are one-sided there)
+    s = fq.scale.detach().reshape(-1, *([1] * (x.dim() - 1))) if per_channel else fq.scale.detach()
+    v = x / s + fq.zero_point.reshape(s.shape)
+    frac = v - v.floor()
+    bad = ((frac - 0.5).abs() < 0.05) | ((v - fq.quant_min).abs() < 0.05) | ((v - fq.quant_max).abs() < 0.05)
+    x = torch.where(bad, x + 0.11 * s, x)
+    return fq, x, s
+
+
+@pytest.mark.parametrize("per_channel,signed,zp", [(False, True, 0.0), (False, False, 2.0), (True, True, 0.0)],
+                         ids=["tensor-signed", "tensor-unsigned-zp2", "channel-signed"])
+def test_lsq_step_size_and_input_gradient_closed_form(per_channel, signed, zp):
+    fq, x, s = _grad_setup(per_channel, signed, zp)
+    z = fq.zero_point.reshape(s.shape) if per_channel else fq.zero_point
+    x = x.clone().requires_grad_(True)
+    w = torch.randn_like(x)  # upstream gradient
+    (fq(x) * w).sum().backward()
+
+    v = x.detach() / s
+    below, above = v + z < fq.quant_min, v + z > fq.quant_max
+    inside = ~(below | above)
+    assert below.any() and above.any() and inside.any()
+    d = torch.where(inside, v.round() - v,
+                    torch.where(below, fq.quant_min - z, fq.quant_max - z).expand_as(v))
+    g = _lsq_grad_scale(fq, x.numel())
+    if per_channel:
+        expected = (w * d).sum(1) * g
+    else:
+        expected = (w * d).sum().reshape(1) * g
+    torch.testing.assert_close(fq.scale.grad, expected, rtol=1e-4, atol=1e-6)
+    # straight-through estimator: 1 inside the clamp range, 0 outside
+    torch.testing.assert_close(x.grad, torch.where(inside, w, torch.zeros_like(w)))
+
+
+def test_lsq_step_size_gradient_vs_finite_differences():
+    """Where the function is differentiable (no element crosses a rounding step within +-h), its
+    derivative with the rounding held fixed is round(x/s) inside and qmin/qmax - z outside. LSQ's
+    gradient is that minus x/s inside (the STE term) and identical outside, times g."""
+    fq, x, s = _grad_setup(False, False, 1.0)
+    w = torch.randn_like(x)
+    fq.scale.grad = None
+    (fq(x) * w).sum().backward()
+    g = _lsq_grad_scale(fq, x.numel())
+
+    def f(scale: float) -> torch.Tensor:
+        with torch.no_grad():
+            return fake_quantize(x.double(), torch.tensor([scale], dtype=torch.float64),
+                                 fq.zero_point.double(), fq.quant_min, fq.quant_max)
+
+    s0, h = float(fq.scale.detach()), 1e-6
+    per_elem_fd = (f(s0 + h) - f(s0 - h)) / (2 * h)
+    v = x.double() / s0 + float(fq.zero_point)
+    inside = (v >= fq.quant_min) & (v <= fq.quant_max)
+    outside = ~inside
+    # outside the range the function is exactly linear in s: FD == LSQ's gradient (before scaling by g)
+    expected_outside = torch.where(v < fq.quant_min, fq.quant_min - 1.0, fq.quant_max - 1.0).double()
+    torch.testing.assert_close(per_elem_fd[outside], expected_outside[outside], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_elem_fd[inside], (x.double() / s0).round()[inside], rtol=1e-5, atol=1e-5)
+    lsq_from_fd = per_elem_fd - torch.where(inside, x.double() / s0, torch.zeros_like(v))
+    torch.testing.assert_close(fq.scale.grad.double(), (w.double() * lsq_from_fd).sum().reshape(1) * g,
+                               rtol=1e-4, atol=1e-6)
+    # an all-outside tensor: the autograd gradient is g * the plain finite difference
+    fq.scale.grad = None
+    xo = torch.tensor([-5.0, -3.0, 4.0, 9.0])
+    (fq(xo)).sum().backward()
+    fd = ((fake_quantize(xo, torch.tensor([s0 + 1e-3]), fq.zero_point, 0, 7).sum()
+           - fake_quantize(xo, torch.tensor([s0 - 1e-3]), fq.zero_point, 0, 7).sum()) / 2e-3)
+    torch.testing.assert_close(fq.scale.grad, fd.reshape(1) * _lsq_grad_scale(fq, 4), rtol=1e-3, atol=1e-6)
+
+
+def test_learn_scale_false_and_minmax_have_no_scale_gradient():
+    fq = _initialized(LSQFakeQuantize(bits=4, learn_scale=False), 0.1)
+    assert not fq.scale.requires_grad
+    x = torch.randn(10, requires_grad=True)
+    fq(x).sum().backward()
+    assert fq.scale.grad is None and x.grad is not None
+    mm = MinMaxFakeQuantize(bits=4)
+    assert "scale" not in dict(mm.named_parameters()) and "scale" in dict(mm.named_buffers())
+
+
+def test_fake_quant_and_observer_toggles():
+    fq = LSQFakeQuantize(bits=2)
+    fq.disable_observer()
+    x = torch.randn(20)
+    out = fq(x)  # not initialised, but observer disabled: quantizes with the default scale 1
+    assert int(fq.initialized) == 0 and float(fq.scale.detach()) == 1.0
+    assert torch.equal(out, fake_quantize(x, fq.scale.detach(), fq.zero_point, 0, 3))
+    fq.disable_fake_quant()
+    assert torch.equal(fq(x), x)
+
+
+# --- initialisation ---------------------------------------------------------------------------
+def test_init_methods_give_sensible_scales():
+    torch.manual_seed(0)
+    x = torch.randn(4096)
+    errs, scales = {}, {}
+    for init in ("mse", "minmax", "lsq"):
+        fq = LSQFakeQuantize(bits=4, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, init=init)
+        out = fq(x).detach()
+        scales[init] = float(fq.scale.detach())
+        errs[init] = float((out - x).pow(2).mean())
+    amax = float(x.abs().max())
+    assert scales["minmax"] == pytest.approx(amax / 8, rel=1e-6)  # max(|qmin|, qmax) = 8 levels
+    assert scales["lsq"] == pytest.approx(2 * float(x.abs().mean()) / math.sqrt(7), rel=1e-6)  # Q_P = 7
+    assert 0.2 * scales["minmax"] - 1e-6 <= scales["mse"] <= scales["minmax"] + 1e-6
+    # MSE init minimises the reconstruction error among shrunk ranges: no worse than min/max
+    assert errs["mse"] <= errs["minmax"] + 1e-9
+    # all three land in a sensible band for N(0, 1) at 4 bits (optimal clipping ~2.5-3 sigma -> s ~ 0.35)
+    for init, s in scales.items():
+        assert 0.15 < s < 0.6, (init, s)
+    assert all(e < 0.05 for e in errs.values()), errs
+
+
+def test_init_per_channel_and_unsigned():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3) * torch.arange(1, 7).float().reshape(6, 1, 1, 1)
+    fq = LSQFakeQuantize(bits=4, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0, init="minmax")
+    fq(w)
+    assert fq.scale.shape == (6,) and fq.zero_point.shape == (6,)
+    torch.testing.assert_close(fq.scale.detach(), w.abs().amax((1, 2, 3)) / 8)
+    assert fq.scale[-1] > 3 * fq.scale[0]  # the 6x wider channel gets a much larger step
+    relu = torch.rand(1000) * 6.0  # non-negative activations
+    act = LSQFakeQuantize(bits=2, dtype=torch.quint8, qscheme=torch.per_tensor_affine, init="minmax")
+    act(relu)
+    assert float(act.zero_point) == 0.0
+    assert float(act.scale.detach()) == pytest.approx(float(relu.max()) / 3, rel=1e-6)
+
+
+def test_init_happens_once_and_only_with_observer_enabled():
+    fq = LSQFakeQuantize(bits=4, init="minmax")
+    fq(torch.tensor([0.0, 3.0]))
+    s = float(fq.scale.detach())
+    fq(torch.tensor([0.0, 300.0]))
+    assert float(fq.scale.detach()) == s  # later batches do not re-initialise (the scale is learned)
+
+
+def test_minmax_fake_quantize_running_range():
+    c = 0.25
+    mm = MinMaxFakeQuantize(bits=2, dtype=torch.quint8, averaging_constant=c)
+    mm.train()
+    mm(torch.tensor([-1.0, 2.0]))
+    torch.testing.assert_close(mm.min_val, torch.tensor([-1.0]))
+    torch.testing.assert_close(mm.max_val, torch.tensor([2.0]))
+    torch.testing.assert_close(mm.scale, torch.tensor([1.0]))  # (2 - (-1)) / 3
+    mm(torch.tensor([-3.0, 6.0]))
+    lo, hi = (1 - c) * -1.0 + c * -3.0, (1 - c) * 2.0 + c * 6.0
+    torch.testing.assert_close(mm.min_val, torch.tensor([lo]))
+    torch.testing.assert_close(mm.max_val, torch.tensor([hi]))
+    torch.testing.assert_close(mm.scale, torch.tensor([(hi - lo) / 3]))
+    torch.testing.assert_close(mm.zero_point, torch.tensor([float(round(-lo / ((hi - lo) / 3)))]))
+    # eval mode: the range is frozen
+    mm.eval()
+    mm(torch.tensor([-100.0, 100.0]))
+    torch.testing.assert_close(mm.max_val, torch.tensor([hi]))
+    # per channel: one range per channel; state dict round trip resizes a fresh module
+    pc = MinMaxFakeQuantize(bits=4, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    pc(torch.tensor([[-1.0, 0.5], [-0.2, 4.0]]))
+    torch.testing.assert_close(pc.scale, torch.tensor([1 / 8, 4 / 8]))
+    fresh = MinMaxFakeQuantize(bits=4, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    fresh.load_state_dict(pc.state_dict())
+    torch.testing.assert_close(fresh.scale, pc.scale)
+    torch.testing.assert_close(fresh.max_val, pc.max_val)
+
+
+def test_lsq_state_dict_round_trip_per_channel():
+    fq = LSQFakeQuantize(bits=4, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    fq(torch.randn(5, 7))
+    fresh = LSQFakeQuantize(bits=4, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    fresh.load_state_dict(fq.state_dict())
+    assert fresh.scale.shape == (5,) and int(fresh.initialized) == 1
+    x = torch.randn(5, 7)
+    assert torch.equal(fresh(x), fq(x))
+
+
+# --- qconfig ----------------------------------------------------------------------------------
+def test_qconfig_types():
+    qc = qp.qconfig(3, 5)
+    assert isinstance(qc, QConfig)
+    act, wt = qc.activation(), qc.weight()
+    assert isinstance(act, LSQFakeQuantize) and isinstance(wt, LSQFakeQuantize)
+    assert (act.bits, act.dtype, act.qscheme, act.quant_min, act.quant_max) == (
+        5, torch.quint8, torch.per_tensor_affine, 0, 31)
+    assert (wt.bits, wt.dtype, wt.qscheme, wt.ch_axis, wt.quant_min, wt.quant_max) == (
+        3, torch.qint8, torch.per_channel_symmetric, 0, -4, 3)
+    qc2 = qp.qconfig(4, 4, per_channel=False, learnable=False)
+    act2, wt2 = qc2.activation(), qc2.weight()
+    assert isinstance(act2, MinMaxFakeQuantize) and isinstance(wt2, MinMaxFakeQuantize)
+    assert wt2.qscheme == torch.per_tensor_symmetric
+    mapping = qp.qconfig_mapping(2, 4, per_channel=False)
+    assert isinstance(mapping, QConfigMapping)
+    assert mapping.global_qconfig.weight().bits == 2 and mapping.global_qconfig.activation().bits == 4
+    assert mapping.global_qconfig.weight().qscheme == torch.per_tensor_symmetric
+
+
+def test_qconfig_bad_args():
+    with pytest.raises(TypeError, match="bools"):
+        qp.qconfig(4, 4, per_channel="yes")
+    with pytest.raises(TypeError, match="bools"):
+        qp.qconfig(4, 4, learnable=1)
+    with pytest.raises(TypeError):
+        qp.qconfig(4, 4, 8)  # keyword-only options
+    with pytest.raises(TypeError):
+        qp.qconfig_mapping(4, 4, bogus=True)
+
+
+# --- prepare_qat --------------------------------------------------------------------------------
+def _prepare(name, mode, x, **kw):
+    return qp.prepare_qat(MODELS[name](width=8), mode=mode, example_inputs=(x,), **kw)
+
+
+@pytest.fixture(scope="module")
+def prepared(batch):
+    """(model name, mode, keep_first_last_8bit) -> (float model, W2A4-prepared QAT model after one step)."""
+    x, y = batch
+    out = {}
+    for name in MODELS:
+        for mode in ("eager", "fx"):
+            for keep in (True, False):
+                torch.manual_seed(0)
+                fp = MODELS[name](width=8)
+                q = qp.prepare_qat(fp, weight_bits=2, act_bits=4, mode=mode, example_inputs=(x,),
+                                   keep_first_last_8bit=keep)
+                out[name, mode, keep] = (fp, q)
+    return out
+
+
+def _quantizer_of(q: nn.Module, mode: str, layer: str, kind: str) -> FakeQuantizeBase:
+    """Weight quantizer of ``layer`` or the activation quantizer of its output."""
+    mod = q.get_submodule(layer)
+    if kind == "weight":
+        return mod.weight_fake_quant
+    if mode == "eager":
+        return mod.activation_post_process
+    node = next(n for n in q.graph.nodes if n.op == "call_module" and n.target == layer)
+    user = next(iter(node.users))
+    return q.get_submodule(str(user.target))
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prepare_qat_forward_backward_bits_and_fusion(prepared, batch, name, mode):
+    x, y = batch
+    fp, q = prepared[name, mode, True]
+    assert q.training
+    out = q(x)
+    assert out.shape == (64, 10) and torch.isfinite(out).all()
+    F.cross_entropy(out, y).backward()
+    layers = quantizable_layers(fp)
+    first, last = layers[0], layers[-1]
+    assert first == "conv1" and last == "fc"
+    # every conv is a fused torch.ao.nn.intrinsic.qat conv-bn(-relu) module; fc a QAT linear
+    convs = [n for n, m in fp.named_modules() if isinstance(m, nn.Conv2d)]
+    for n in convs:
+        assert isinstance(q.get_submodule(n), FUSED_QAT), (n, type(q.get_submodule(n)))
+        assert q.get_submodule(n).weight.grad is not None
+    assert isinstance(q.get_submodule("fc"), torch.ao.nn.qat.Linear)
+    assert not any(isinstance(m, nn.BatchNorm2d) for n, m in q.named_modules() if not n.endswith(".bn"))
+    # bit widths: first/last 8 bit (weights and outputs), every other weight 2 bit
+    for layer in layers:
+        wq = _quantizer_of(q, mode, layer, "weight")
+        assert isinstance(wq, LSQFakeQuantize) and wq.dtype == torch.qint8
+        assert wq.bits == (8 if layer in (first, last) else 2), layer
+        assert wq.scale.grad is not None and wq.scale.grad.abs().sum() > 0, layer
+        aq = _quantizer_of(q, mode, layer, "act")
+        assert aq.bits == (8 if layer in (first, last) else 4), layer
+    acts = activation_quantizers(q)
+    assert {m.bits for _, m in acts} == {4, 8}
+    assert all(m.dtype == torch.quint8 for _, m in acts)
+    assert {m.bits for _, m in weight_quantizers(q)} == {2, 8}
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prepare_qat_without_keep_first_last(prepared, batch, name, mode):
+    x, _ = batch
+    _, q = prepared[name, mode, False]
+    q(x)
+    for layer in ("conv1", "fc"):
+        assert _quantizer_of(q, mode, layer, "weight").bits == 2
+        assert _quantizer_of(q, mode, layer, "act").bits == 4
+    assert {m.bits for _, m in weight_quantizers(q)} == {2}
+
+
+def test_prepare_qat_min_max_and_per_tensor(batch):
+    x, _ = batch
+    q = qp.prepare_qat(SmallCNN(width=4), weight_bits=4, act_bits=4, learnable=False, per_channel=False)
+    q(x)
+    fqs = [m for m in q.modules() if isinstance(m, FakeQuantizeBase)]
+    assert fqs and all(isinstance(m, MinMaxFakeQuantize) for m in fqs)
+    assert all(m.qscheme == torch.per_tensor_symmetric for _, m in weight_quantizers(q))
+    assert not [p for n, p in q.named_parameters() if n.endswith("scale")]
+
+
+def _fingerprint(m: nn.Module):
+    return ({k: v.clone() for k, v in m.state_dict().items()},
+            [(n, type(mod), mod.training, dict(mod._forward_hooks), dict(mod._forward_pre_hooks))
+             for n, mod in m.named_modules()])
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx"])
+def test_prepare_qat_leaves_the_original_untouched(batch, mode):
+    x, _ = batch
+    fp = SmallResNet(width=8).eval()
+    before_state, before_mods = _fingerprint(fp)
+    with torch.no_grad():
+        ref = fp(x)
+    q = qp.prepare_qat(fp, weight_bits=4, act_bits=4, mode=mode, example_inputs=(x,))
+    q(x)
+    after_state, after_mods = _fingerprint(fp)
+    assert before_mods == after_mods and not fp.training
+    assert before_state.keys() == after_state.keys()
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    assert not any(p is fq for p in fp.parameters() for fq in q.parameters())
+    with torch.no_grad():
+        assert torch.equal(fp(x), ref)
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_state_dict_round_trip(prepared, batch, digits, name, mode):
+    x, y = batch
+    _, q = prepared[name, mode, True]
+    q = copy.deepcopy(q).train()
+    opt = torch.optim.SGD(q.parameters(), 0.05)
+    for i in range(3):
+        xb, yb = digits.train.tensors[0][64 * i:64 * (i + 1)], digits.train.tensors[1][64 * i:64 * (i + 1)]
+        loss = F.cross_entropy(q(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(123)
+    fresh = _prepare(name, mode, x, weight_bits=2, act_bits=4)  # never run: per-channel scales still length 1
+    fresh.load_state_dict(torch.load(buf))
+    q.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(q(x), fresh(x))
+    sd, fsd = q.state_dict(), fresh.state_dict()
+    assert sd.keys() == fsd.keys() and all(torch.equal(sd[k], fsd[k]) for k in sd)
+
+
+@contextlib.contextmanager
+def _engine(name: str):
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
+def _convert(q: nn.Module, mode: str) -> nn.Module:
+    if mode == "eager":
+        return torch.ao.quantization.convert(copy.deepcopy(q))
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    return convert_fx(copy.deepcopy(q))
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_convert_accepts_prepared_models(request, batch, digits, name, mode):
+    x, _ = batch
+    fp = request.getfixturevalue(f"fp_{name}")  # trained: logits well separated
+    q = qp.prepare_qat(fp, weight_bits=8, act_bits=8, mode=mode, example_inputs=(x,))
+    for i in range(3):  # calibrate on a few batches
+        q(digits.train.tensors[0][64 * i:64 * (i + 1)])
+    q.eval()
+    with torch.no_grad():
+        ref = q(x)
+    converted = _convert(q, mode)  # default engine (x86 / fbgemm)
+    kinds = {type(m).__module__ for m in converted.modules()}
+    assert any(k.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")) for k in kinds)
+    assert not any(isinstance(m, FakeQuantizeBase) for m in converted.modules())
+    with torch.no_grad():
+        out = converted(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape and torch.isfinite(out).all()
+    # The int8 model computes the fake-quantized model's function up to requantization rounding: both
+    # outputs lie on the same 8-bit output grid and differ by at most a step or two. Checked on qnnpack:
+    # the x86/fbgemm (and onednn) u8*s8 kernels saturate int16 pair sums with full-range (0..255, no
+    # reduce_range) activations, which the package's 8-bit qconfig uses (up to ~60 output steps off).
+    if "qnnpack" not in torch.backends.quantized.supported_engines:
+        return
+    with _engine("qnnpack"):
+        converted = _convert(q, mode)
+        with torch.no_grad():
+            out = converted(x)
+    step = float(_quantizer_of(q, mode, "fc", "act").scale.detach())
+    assert (out - ref).abs().max() <= 2 * step + 1e-6
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.sum() > 0:  # data-dependent Python control flow: not FX-traceable
+            x = torch.relu(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_prepare_qat_errors(batch):
+    x, _ = batch
+    with pytest.raises(ValueError, match=r"unknown mode 'tflite'.*eager.*fx"):
+        qp.prepare_qat(SmallCNN(width=4), mode="tflite")
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        qp.prepare_qat(SmallCNN(width=4), mode="fx")
+    with pytest.raises(ValueError, match=r"FX cannot trace _DataDependent.*mode='eager'.*control flow"):
+        qp.prepare_qat(_DataDependent(), mode="fx", example_inputs=(x,))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        qp.prepare_qat(lambda t: t)
+    # the untraceable model still prepares in eager mode
+    q = qp.prepare_qat(_DataDependent(), mode="eager", weight_bits=4, act_bits=4)
+    assert q(x).shape == (64, 10)
+    # a bare tensor works as example_inputs
+    assert qp.prepare_qat(SmallCNN(width=4), mode="fx", example_inputs=x)(x).shape == (64, 10)
