@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet():
+    """torch.ao's deprecation and quantized-tensor notices are noise in test output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def batch(digits):
+    """The first 64 training digits and labels."""
+    x, y = digits.train.tensors
+    return x[:64], y[:64]
 
 
 @pytest.fixture(scope="session")

@@ -31,19 +31,6 @@ BAD_BITS = [(0, ValueError), (1, ValueError), (9, ValueError), ("four", TypeErro
             (4.0, TypeError)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@pytest.fixture(scope="module")
-def batch(digits):
-    x, y = digits.train.tensors
-    return x[:64], y[:64]
-
-
 def _initialized(fq: FakeQuantizeBase, scale, zero_point=0.0) -> FakeQuantizeBase:
     """Set qparams by hand and mark the quantizer initialised (no first-batch calibration)."""
     scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)

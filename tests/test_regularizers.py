@@ -33,19 +33,6 @@ NEXT = {"resnet": {"layer1": "layer2", "layer2": "layer3", "layer3": "pool"},
         "cnn": {"conv2": "conv3", "conv3": "pool"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@pytest.fixture(scope="module")
-def batch(digits):
-    x, y = digits.train.tensors
-    return x[:64], y[:64]
-
-
 @pytest.fixture(scope="module")
 def fps(fp_resnet, fp_cnn):
     return {"resnet": fp_resnet, "cnn": fp_cnn}

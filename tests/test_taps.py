@@ -25,13 +25,6 @@ from qat_plugins.taps import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 @pytest.fixture(scope="module")
 def x(digits):
     return digits.train.tensors[0][:32]
