@@ -206,6 +206,11 @@ class FeatureTap:
             if any(s.side == "output" for s in sites):
                 _register(mod.register_forward_hook(self._make_post(sites), prepend=prepend), self._handles)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "FeatureTap":
+        # A deep copy of a tapped model copies its hooks, which are bound to this tap; share the tap
+        # instead of copying it (and the non-leaf features it holds). strip_hooks() removes them.
+        return self
+
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.sites]

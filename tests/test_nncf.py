@@ -21,6 +21,7 @@ from qat_plugins.data import load_digits_split  # noqa: E402
 from qat_plugins.integrations import nncf as qn  # noqa: E402
 from qat_plugins.integrations.nncf_config import NNCFQATSetup, from_config, validate_config  # noqa: E402
 from qat_plugins.models import SmallResNet  # noqa: E402
+from qat_plugins.regularizers import RegularizerSet, build_regularizer  # noqa: E402
 
 CALIB = 128
 
@@ -78,11 +79,13 @@ def cfg_setup(fp_model, digits, tmp_path_factory):
 
     def factory(regs):
         seen.append(regs)
-        return [f"reg:{r['name']}" for r in regs]
+        return [build_regularizer(r) for r in regs]
 
     loader = torch.utils.data.DataLoader(digits.train, batch_size=32)
-    setup = from_config(fp_model, path, loader, regularizers_factory=factory)
-    return setup, seen
+    # a copy as the teacher: attached regularizers freeze their FP model until detached
+    setup = from_config(copy.deepcopy(fp_model), path, loader, regularizers_factory=factory)
+    yield setup, seen
+    setup.regularizers.detach()
 
 
 def _accuracy(model, ds):
@@ -246,7 +249,11 @@ def test_config_flow(cfg_setup, digits):
     assert isinstance(setup, NNCFQATSetup)
     assert setup.input_shape == (1, 1, 8, 8)
     assert setup.regularizers_config == [{"name": "cr", "weight": 1.0, "layers": ["layer1", "layer2.conv1"]}]
-    assert seen == [setup.regularizers_config] and setup.regularizers == ["reg:cr"]
+    assert seen == [setup.regularizers_config]
+    assert isinstance(setup.regularizers, RegularizerSet) and [r.name for r in setup.regularizers] == ["cr"]
+    assert all(r.attached for r in setup.regularizers) and isinstance(setup.fp_model, SmallResNet)
+    assert not any(p.requires_grad for p in setup.fp_model.parameters())  # the frozen teacher
+    setup.regularizers.detach()  # the other tests deep-copy / export the model: no hooks wanted there
     comp = setup.nncf_config["compression"][0]
     assert comp["weights"]["bits"] == 4 and comp["preset"] == "mixed" and setup.nncf_config["target_device"] == "CPU"
     qs = qn.nncf_quantizers(setup.model)

@@ -224,7 +224,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     Args:
         model: a torch.ao QAT model from :func:`qat_plugins.prepare_qat` (``mode="eager"`` or
             ``"fx"``) whose fake quantizers have seen at least one batch. The model is not
-            modified (a deep copy in eval mode is exported).
+            modified (a deep copy in eval mode is exported). An NNCF QAT model
+            (:func:`qat_plugins.integrations.nncf.is_nncf_model`) is handed to
+            :func:`~qat_plugins.integrations.nncf.export_nncf_onnx` (``weight_format`` ``"int8"`` /
+            ``"int4"``; ``opset``, ``clip_mode``, ``int8_weight_type``, ``requantize_relu`` do not apply).
         path: the ``.onnx`` file to write (parent directory must exist); written atomically.
         example_inputs: a batch (tensor or tuple of tensors) shaped like the model's input; the
             batch axis is exported as dynamic.
@@ -254,6 +257,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a QAT model from qat_plugins.prepare_qat), "
                         f"got {type(model).__name__}")
+    from ..integrations.nncf import export_nncf_onnx, is_nncf_model  # does not import NNCF itself
+
+    if is_nncf_model(model):  # NNCF QAT model: NNCF's strip + QDQ export (int8 / int4; opset 20 / 21)
+        return export_nncf_onnx(model, _check_target(path), _as_inputs(example_inputs), weight_format=weight_format)
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"unsupported weight_format {weight_format!r}; choose one of {WEIGHT_FORMATS}")
     if clip_mode not in CLIP_MODES:

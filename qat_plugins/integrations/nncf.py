@@ -12,7 +12,9 @@ Importing this module never imports NNCF; every function that needs it raises
   ``nncf.torch.load_from_config`` plus the state dict, written atomically.
 * :func:`strip_for_export` / :func:`export_nncf_onnx` -- standard ONNX QDQ that ONNX Runtime runs.
 * The config-driven flow (:func:`qat_plugins.integrations.nncf_config.from_config`) is in
-  :mod:`qat_plugins.integrations.nncf_config`.
+  :mod:`qat_plugins.integrations.nncf_config`; :func:`run_config` (``qat-plugins train --config
+  nncf.json``: data, FP training, NNCF QAT with regularizers, checkpoints, ONNX) is in
+  :mod:`qat_plugins.integrations.nncf_train`.
 
 How NNCF 3.4's torch backend handles bit widths (checked on nncf 3.4.0 / torch 2.13):
 
@@ -68,7 +70,8 @@ from torch import nn
 __all__ = [
     "prepare_qat", "is_nncf_model", "nncf_quantizers", "QuantizerInfo", "nncf_module_names", "resolve",
     "SequentialWrapper", "set_quantizer_bits", "save_checkpoint", "load_checkpoint", "strip_for_export",
-    "export_nncf_onnx", "ExportFakeQuantize", "make_ignored_scope", "INSTALL_HINT", "SUPPORTED_BITS", "HOOKS_ATTR",
+    "export_nncf_onnx", "ExportFakeQuantize", "make_ignored_scope", "nncf_model_config", "rebuild_from_nncf_config",
+    "run_config", "INSTALL_HINT", "SUPPORTED_BITS", "HOOKS_ATTR",
 ]
 
 INSTALL_HINT = "pip install 'qat-plugins[nncf]'"
@@ -637,6 +640,47 @@ def _atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> 
     return path
 
 
+def nncf_model_config(model: nn.Module) -> dict[str, Any]:
+    """``nncf.torch.get_config(model)`` as plain JSON types (NNCF's StrEnums become strings).
+
+    The result can be stored in a ``torch.load(weights_only=True)`` checkpoint or a JSON file and
+    turned back into a model with :func:`rebuild_from_nncf_config`.
+    """
+    nncf = _require_nncf()
+    _hook_storage(model)
+    return json.loads(json.dumps(nncf.torch.get_config(model)))
+
+
+def rebuild_from_nncf_config(
+    fresh_fp_model: nn.Module, nncf_config: dict[str, Any], *, sequential_wrapper: bool = False
+) -> nn.Module:
+    """``nncf.torch.load_from_config`` on a copy of ``fresh_fp_model``: the QAT model's structure.
+
+    ``nncf_config`` is what :func:`nncf_model_config` returned (JSON types are converted back to the
+    enums / tuples NNCF expects). The quantizers have their saved widths and ranges but initial
+    values: load the saved ``state_dict`` next (the caller's job). ``fresh_fp_model`` is unchanged.
+    """
+    nncf = _require_nncf()
+    from nncf.common.quantization.structs import QuantizationScheme  # noqa: PLC0415
+
+    if is_nncf_model(fresh_fp_model):
+        raise ValueError("rebuild_from_nncf_config needs a fresh float model, got one that already has NNCF hooks")
+    model = copy.deepcopy(fresh_fp_model)
+    if sequential_wrapper:
+        model = _wrap_sequential(model, warn=False)
+    config = copy.deepcopy(nncf_config)
+    for cmd in config.get("compression_state", []):
+        mc = cmd.get("module_config", {})
+        if isinstance(mc.get("mode"), str):
+            mc["mode"] = QuantizationScheme(mc["mode"])
+        if isinstance(mc.get("scale_shape"), list):
+            mc["scale_shape"] = tuple(mc["scale_shape"])
+    qmodel = nncf.torch.load_from_config(model, config)
+    for qi in nncf_quantizers(qmodel):
+        qi.module.set_levels()
+    return qmodel
+
+
 def save_checkpoint(
     model: nn.Module, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
 ) -> pathlib.Path:
@@ -646,8 +690,7 @@ def save_checkpoint(
     tensors, numbers, strings, lists, dicts.
     """
     nncf = _require_nncf()
-    _hook_storage(model)
-    config = json.loads(json.dumps(nncf.torch.get_config(model)))  # StrEnums -> plain strings
+    config = nncf_model_config(model)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "nncf_version": nncf.__version__,
@@ -670,28 +713,18 @@ def load_checkpoint(
     ``load_state_dict(strict=True)``; ``example_input`` runs one forward pass to check the result.
     Returns ``(model, extra)``; the model is in the train/eval mode it was saved in.
     """
-    nncf = _require_nncf()
-    from nncf.common.quantization.structs import QuantizationScheme  # noqa: PLC0415
-
+    _require_nncf()
     path = pathlib.Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a qat_plugins NNCF checkpoint (format {CHECKPOINT_FORMAT})")
     if is_nncf_model(fresh_fp_model):
         raise ValueError("load_checkpoint needs a fresh float model, got one that already has NNCF hooks")
-    model = copy.deepcopy(fresh_fp_model)
-    if ckpt.get("sequential_wrapper"):
-        model = _wrap_sequential(model, warn=False)
-    if type(model).__qualname__ != ckpt.get("model_class"):
-        raise ValueError(f"{path} was saved from {ckpt.get('model_class')}, got {type(model).__qualname__}")
-    config = copy.deepcopy(ckpt["nncf_config"])
-    for cmd in config.get("compression_state", []):
-        mc = cmd.get("module_config", {})
-        if isinstance(mc.get("mode"), str):
-            mc["mode"] = QuantizationScheme(mc["mode"])
-        if isinstance(mc.get("scale_shape"), list):
-            mc["scale_shape"] = tuple(mc["scale_shape"])
-    qmodel = nncf.torch.load_from_config(model, config)
+    probe = _wrap_sequential(fresh_fp_model, warn=False) if ckpt.get("sequential_wrapper") else fresh_fp_model
+    if type(probe).__qualname__ != ckpt.get("model_class"):
+        raise ValueError(f"{path} was saved from {ckpt.get('model_class')}, got {type(probe).__qualname__}")
+    qmodel = rebuild_from_nncf_config(fresh_fp_model, ckpt["nncf_config"],
+                                      sequential_wrapper=bool(ckpt.get("sequential_wrapper")))
     qmodel.load_state_dict(ckpt["state_dict"], strict=True)
     for qi in nncf_quantizers(qmodel):
         qi.module.set_levels()  # AsymmetricQuantizer has no post-load hook for this
@@ -803,6 +836,8 @@ def export_nncf_onnx(
 
     Activations stay QuantizeLinear/DequantizeLinear pairs (uint8/int8; below 8 bit a ``Clip`` first).
     The file is loaded in ONNX Runtime once and run on ``example_inputs`` before it replaces ``path``.
+    ``qat_plugins.export.export_onnx`` routes NNCF models here; ``qat_plugins.export.validate_onnx``
+    compares the file with the NNCF model in ORT (metadata ``qat_plugins.weight_format`` is set).
     """
     _require_nncf()
     import onnx  # noqa: PLC0415
@@ -831,6 +866,10 @@ def export_nncf_onnx(
         for op in proto.opset_import:
             if op.domain in ("", "ai.onnx"):
                 op.version = max(op.version, 21)
+    for key, value in (("weight_format", weight_format), ("weight_bits", ",".join(map(str, wbits))),
+                       ("exporter", "qat_plugins.integrations.nncf")):
+        entry = proto.metadata_props.add()  # read by qat_plugins.export.read_metadata / validate_onnx
+        entry.key, entry.value = f"qat_plugins.{key}", value
     onnx.checker.check_model(proto)
     out = pathlib.Path(path)
 
@@ -953,3 +992,22 @@ def _prune_initializers(proto: Any) -> None:
         del g.initializer[:]
         g.initializer.extend(keep)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# config-driven training run (qat-plugins train --config nncf.json)
+# --------------------------------------------------------------------------------------------------
+def run_config(
+    path: str | os.PathLike[str] | dict[str, Any],
+    *,
+    output_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Run an NNCF-style JSON config end to end; see :func:`qat_plugins.integrations.nncf_train.run_config`.
+
+    (Imported lazily so that importing this module stays light.)
+    """
+    from .nncf_train import run_config as _run_config  # noqa: PLC0415
+
+    return _run_config(path, output_dir=output_dir, resume=resume, max_steps=max_steps)

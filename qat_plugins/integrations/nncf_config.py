@@ -1,7 +1,20 @@
 """Config-driven NNCF QAT: a legacy-NNCF-style JSON/dict config mapped onto ``nncf.quantize``.
 
 NNCF 3.x removed ``NNCFConfig`` / ``create_compressed_model``; :func:`from_config` keeps the familiar
-JSON layout, validates it strictly and calls :func:`qat_plugins.integrations.nncf.prepare_qat`.
+JSON layout, validates it strictly, calls :func:`qat_plugins.integrations.nncf.prepare_qat` and
+attaches the ``qat_plugins.regularizers`` to the quantized model (the original float model is the
+frozen teacher)::
+
+    setup = from_config(fp_model, "nncf_qat.json", calibration_data)
+    model, regs = setup.model, setup.regularizers           # NNCF QAT model, RegularizerSet
+    out = model(x)
+    loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+    ...
+    regs.detach()                                            # hooks removed; export model next
+
+The same file runs end to end with ``qat-plugins train --config nncf_qat.json`` (data, FP training,
+QAT, checkpoints, ONNX; :mod:`qat_plugins.integrations.nncf_train`), configured by
+``qat_plugins.train``.
 
 Example::
 
@@ -16,7 +29,13 @@ Example::
         "ignored_scopes": ["layer3.shortcut", "{re}.*fc.*"],
         "target_device": "CPU"
       },
-      "qat_plugins": {"regularizers": [{"name": "cr", "weight": 1.0, "layers": ["layer1", "layer2"]}]}
+      "qat_plugins": {
+        "regularizers": [{"name": "cr", "weight": 1.0, "layers": ["layer1", "layer2"]},
+                         {"name": "br", "blocks": ["layer1", "layer2", "layer3"]}],
+        "keep_first_last_8bit": true,
+        "train": {"dataset": "digits", "model": "resnet", "width": 16, "fp_epochs": 15, "epochs": 6,
+                  "lr": 0.01, "batch_size": 64, "seed": 0}
+      }
     }
 
 Field mapping (``compression`` may be one dict or a list holding exactly one quantization entry;
@@ -50,13 +69,55 @@ top-level ``target_device``                    ANY, CPU, GPU, NPU (CPU_SPR is no
                                                torch backend; both given and different is an error).
                                                NNCF itself treats GPU/NPU as CPU for its 8-bit
                                                insertion step.
-``qat_plugins.regularizers`` (list of dicts)   ``NNCFQATSetup.regularizers_config``; each needs
-                                               ``name`` (str); ``weight`` (number >= 0, default 1.0)
-                                               and ``layers`` (module names, checked against the
-                                               model) are validated, other keys are passed through
-                                               to ``regularizers_factory``
+``qat_plugins.regularizers`` (list of dicts)   ``regularizers_factory(entries)`` (default
+                                               :func:`qat_plugins.regularizers.build_regularizers`),
+                                               attached with ``qat_plugins.attach(model, regs,
+                                               fp_model=<the float model>)`` ->
+                                               ``NNCFQATSetup.regularizers`` (a ``RegularizerSet``).
+                                               Each entry: ``name`` (``cr``, ``fpq``, ``br`` or a
+                                               registered name; unknown names list the known ones),
+                                               ``weight`` (number >= 0, default 1.0), the
+                                               regularizer's options (``layers``, ``blocks``, ``p``,
+                                               ``teacher``, ...; unknown options list the allowed
+                                               ones). ``layers`` / ``blocks`` entries must name
+                                               modules of the model (``layers`` also takes
+                                               ``"output"`` and ``"<module>:input"``).
 ``qat_plugins.keep_first_last_8bit`` (bool)    ``prepare_qat(keep_first_last_8bit=...)`` (default true)
+``qat_plugins.train`` (object)                 the training run of ``qat-plugins train --config``
+                                               (:func:`qat_plugins.integrations.nncf.run_config`);
+                                               ignored by :func:`from_config`. Schema below.
 =============================================  ==========================================================
+
+``qat_plugins.train`` (every key optional; defaults in brackets; each maps onto a field of
+:class:`qat_plugins.training.TrainConfig` and is checked by the same rule, so the FP pre-training
+and the QAT loop are those of :mod:`qat_plugins.training`)::
+
+    seed: int >= 0                                   [0]        -> seed
+    dataset: digits | fashion-mnist | idx            [digits]   -> data.name
+    data_dir: directory or null (idx, fashion-mnist) [null]     -> data.data_dir
+    limit_train: int >= 1 or null (first N samples)  [null]     -> data.limit_train
+    batch_size: int 1..65536                         [64]       -> data.batch_size
+    model: resnet | cnn                              [resnet]   -> model.name
+    width: int 1..1024                               [16]       -> model.width
+    fp_epochs: int >= 0 (FP pre-training, Adam)      [15]       -> fp.epochs
+    fp_lr: number > 0                                [0.01]     -> fp.lr
+    epochs: int >= 1 (QAT fine-tuning, SGD)          [6]        -> qat.epochs
+    lr: number > 0                                   [0.01]     -> qat.lr
+    momentum: number in [0, 1)                       [0.9]      -> qat.momentum
+    weight_decay: number >= 0 (conv/linear weights)  [5e-05]    -> qat.weight_decay
+    schedule: cosine | constant (per step)           [cosine]   -> qat.schedule
+    augment: bool (augment the student's inputs)     [false]    -> qat.augment
+    checkpoint_every: int >= 0 QAT steps (0: epochs) [0]        -> checkpoint_every
+    nan_policy: raise | skip                         [raise]    -> nan_policy
+    num_threads: int >= 1 or null                    [1]        -> num_threads
+    output_dir: directory (--output-dir overrides)   [runs/nncf] -> output_dir
+    export: int8 | int4 | null (ONNX of the result)  [int8]     (run_config only)
+
+``augment`` defaults to false (unlike ``TrainConfig``): CR augments the inputs itself. ``seed`` also
+seeds a regularizer entry that takes a ``seed`` option and sets none (BR's block sampler), so the same
+config twice gives the same weights. The quantization settings (bits, preset, ...) come from
+``compression``, the regularizers from ``qat_plugins.regularizers``; the dataset's inputs must match
+``input_info.sample_size`` (checked, with the module names, before the FP training starts).
 
 Anything else -- unknown keys at any level (e.g. ``weights.mode``, ``initializer.batchnorm_adaptation``,
 ``scope_overrides``), wrong types, bits outside 2..8, a ``sample_size`` the model or the calibration
@@ -70,21 +131,49 @@ import copy
 import json
 import os
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from ..regularizers import Regularizer, RegularizerSet, attach, build_regularizers
+from ..regularizers.registry import build_regularizer
 from . import nncf as _q
 
-__all__ = ["NNCFQATSetup", "from_config", "validate_config"]
+__all__ = ["NNCFQATSetup", "from_config", "validate_config", "TRAIN_FIELDS", "EXPORT_FORMATS"]
 
 _TOP_KEYS = ("input_info", "compression", "target_device", "qat_plugins")
 _COMPRESSION_KEYS = ("algorithm", "preset", "initializer", "weights", "activations", "ignored_scopes",
                      "target_device")
-_QAT_PLUGINS_KEYS = ("regularizers", "keep_first_last_8bit")
+_QAT_PLUGINS_KEYS = ("regularizers", "keep_first_last_8bit", "train")
 _DEVICES = ("ANY", "CPU", "GPU", "NPU")
+
+# qat_plugins.train key -> (TrainConfig section ("" = top level), field, default). The value is checked
+# by TrainConfig's own rule for that field; "export" is run_config's own (no TrainConfig field).
+TRAIN_FIELDS: dict[str, tuple[str | None, str | None, Any]] = {
+    "seed": ("", "seed", 0),
+    "dataset": ("data", "name", "digits"),
+    "data_dir": ("data", "data_dir", None),
+    "limit_train": ("data", "limit_train", None),
+    "batch_size": ("data", "batch_size", 64),
+    "model": ("model", "name", "resnet"),
+    "width": ("model", "width", 16),
+    "fp_epochs": ("fp", "epochs", 15),
+    "fp_lr": ("fp", "lr", 0.01),
+    "epochs": ("qat", "epochs", 6),
+    "lr": ("qat", "lr", 0.01),
+    "momentum": ("qat", "momentum", 0.9),
+    "weight_decay": ("qat", "weight_decay", 5e-5),
+    "schedule": ("qat", "schedule", "cosine"),
+    "augment": ("qat", "augment", False),
+    "checkpoint_every": ("", "checkpoint_every", 0),
+    "nan_policy": ("", "nan_policy", "raise"),
+    "num_threads": ("", "num_threads", 1),
+    "output_dir": ("", "output_dir", "runs/nncf"),
+    "export": (None, None, "int8"),
+}
+EXPORT_FORMATS = ("int8", "int4")
 
 
 @dataclass
@@ -92,18 +181,24 @@ class NNCFQATSetup:
     """What :func:`from_config` built.
 
     Attributes:
-        model: the NNCF QAT model (train mode).
+        model: the NNCF QAT model (train mode) with the regularizers' hooks attached.
         regularizers_config: the validated ``qat_plugins.regularizers`` entries.
-        nncf_config: the normalized config (defaults filled in, ``compression`` as a one-element list).
+        nncf_config: the normalized config (defaults filled in, ``compression`` as a one-element list,
+            ``qat_plugins.train`` complete).
         input_shape: ``input_info.sample_size`` as a tuple.
-        regularizers: what ``regularizers_factory`` returned (empty when no factory was given).
+        regularizers: the attached :class:`~qat_plugins.regularizers.RegularizerSet` (empty when the
+            config lists none): ``regularizers.loss(x, y, out)`` each step, ``regularizers.detach()``
+            (or ``with setup.regularizers:``) before export; ``state_dict()`` for checkpoints.
+        fp_model: the float model given to :func:`from_config`, the regularizers' frozen teacher (eval
+            mode and ``requires_grad=False`` until the regularizers are detached).
     """
 
     model: nn.Module
     regularizers_config: list[dict[str, Any]]
     nncf_config: dict[str, Any]
     input_shape: tuple[int, ...]
-    regularizers: list[Any] = field(default_factory=list)
+    regularizers: RegularizerSet | None = None
+    fp_model: nn.Module | None = None
 
 
 def _err(path: str, msg: str) -> ValueError:
@@ -194,13 +289,75 @@ def _quantization_entry(comp: Any) -> tuple[dict[str, Any], str]:
 def validate_config(config: Any, model: nn.Module | None = None) -> dict[str, Any]:
     """Check ``config`` (dict or JSON path) and return it normalized; raises ``ValueError`` with the field path.
 
-    With ``model``, module names in ``ignored_scopes`` and regularizer ``layers`` are checked too
-    (ignored scopes need NNCF for that).
+    Regularizer entries are checked by building them (:func:`qat_plugins.regularizers.build_regularizer`:
+    known name, known options). With ``model``, module names in ``ignored_scopes`` and regularizer
+    ``layers`` / ``blocks`` are checked too (ignored scopes need NNCF for that).
     """
     return _validate(config, model)[0]
 
 
-def _validate(config: Any, model: nn.Module | None) -> tuple[dict[str, Any], str]:
+def _check_module_names(names: Any, path: str, mods: dict[str, nn.Module] | None, model: nn.Module | None,
+                        *, taps: bool) -> None:
+    """``layers`` (``taps=True``: also ``"output"`` and ``"<module>:input"``) / ``blocks`` entries."""
+    if isinstance(names, str) or not isinstance(names, list):
+        raise _err(path, f"must be a list of module names, got {type(names).__name__}")
+    for j, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            raise _err(f"{path}[{j}]", f"must be a non-empty module name, got {name!r}")
+        base = name[:-len(":input")] if taps and name.endswith(":input") else name
+        if taps and base == "output":
+            continue
+        if mods is not None and (base not in mods or base == ""):
+            known = _q.nncf_module_names(model)[:15]  # type: ignore[arg-type]
+            raise _err(f"{path}[{j}]", f"no module {base!r} in {type(model).__name__}; modules include {known}")
+
+
+def _regularizer_entries(regs: Any, model: nn.Module | None, *, build: bool) -> list[dict[str, Any]]:
+    if not isinstance(regs, list):
+        raise _err("qat_plugins.regularizers", f"must be a list of objects, got {type(regs).__name__}")
+    mods = dict(model.named_modules()) if model is not None else None
+    out = []
+    for i, r in enumerate(regs):
+        rp = f"qat_plugins.regularizers[{i}]"
+        if not isinstance(r, Mapping):
+            raise _err(rp, f"must be an object, got {type(r).__name__}")
+        r = dict(r)
+        if not isinstance(r.get("name"), str) or not r["name"]:
+            raise _err(f"{rp}.name", f"must be a non-empty string, got {r.get('name')!r}")
+        w = r.setdefault("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
+            raise _err(f"{rp}.weight", f"must be a finite number >= 0, got {w!r}")
+        if build:  # unknown name -> lists the known ones; unknown option -> lists the allowed ones
+            build_regularizer(r, where=rp)
+        for key in ("layers", "blocks"):
+            if r.get(key) is not None:
+                _check_module_names(r[key], f"{rp}.{key}", mods, model, taps=key == "layers")
+        out.append(r)
+    return out
+
+
+def _train_section(raw: Any) -> dict[str, Any]:
+    """``qat_plugins.train`` checked with TrainConfig's rules and completed with the defaults."""
+    from ..training.config import _FIELDS  # noqa: PLC0415 - the TrainConfig field rules
+
+    path = "qat_plugins.train"
+    _check_keys(raw, path, tuple(TRAIN_FIELDS))
+    out = {}
+    for key, (section, name, default) in TRAIN_FIELDS.items():
+        value = raw.get(key, default)
+        if section is None:  # export
+            if value is not None and value not in EXPORT_FORMATS:
+                raise _err(f"{path}.{key}", f"must be one of {', '.join(EXPORT_FORMATS)} or null, got {value!r}")
+            out[key] = value
+        else:
+            out[key] = _FIELDS[section][name](f"{path}.{key}", value)  # type: ignore[index]
+    if out["dataset"] == "idx" and not out["data_dir"]:
+        raise _err(f"{path}.data_dir", "required when dataset is 'idx' (a directory of MNIST-layout idx files)")
+    return out
+
+
+def _validate(config: Any, model: nn.Module | None, *,
+              check_regularizers: bool = True) -> tuple[dict[str, Any], str]:
     cfg = _load(config)
     _check_keys(cfg, "config", _TOP_KEYS)
     if "input_info" not in cfg:
@@ -249,33 +406,8 @@ def _validate(config: Any, model: nn.Module | None) -> tuple[dict[str, Any], str
     keep = qp.get("keep_first_last_8bit", True)
     if not isinstance(keep, bool):
         raise _err("qat_plugins.keep_first_last_8bit", f"must be true or false, got {keep!r}")
-    regs = qp.get("regularizers", [])
-    if not isinstance(regs, list):
-        raise _err("qat_plugins.regularizers", f"must be a list of objects, got {type(regs).__name__}")
-    mods = dict(model.named_modules()) if model is not None else None
-    norm_regs = []
-    for i, r in enumerate(regs):
-        rp = f"qat_plugins.regularizers[{i}]"
-        if not isinstance(r, Mapping):
-            raise _err(rp, f"must be an object, got {type(r).__name__}")
-        r = dict(r)
-        if not isinstance(r.get("name"), str) or not r["name"]:
-            raise _err(f"{rp}.name", f"must be a non-empty string, got {r.get('name')!r}")
-        w = r.setdefault("weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
-            raise _err(f"{rp}.weight", f"must be a finite number >= 0, got {w!r}")
-        if "layers" in r:
-            layers = r["layers"]
-            if not isinstance(layers, list):
-                raise _err(f"{rp}.layers", f"must be a list of module names, got {type(layers).__name__}")
-            for j, name in enumerate(layers):
-                if not isinstance(name, str) or not name:
-                    raise _err(f"{rp}.layers[{j}]", f"must be a non-empty module name, got {name!r}")
-                if mods is not None and name not in mods:
-                    known = _q.nncf_module_names(model)[:15]  # type: ignore[arg-type]
-                    raise _err(f"{rp}.layers[{j}]",
-                               f"no module {name!r} in {type(model).__name__}; modules include {known}")
-        norm_regs.append(r)
+    norm_regs = _regularizer_entries(qp.get("regularizers", []), model, build=check_regularizers)
+    train = _train_section(qp.get("train", {}))
     if model is not None and scopes:
         _q.make_ignored_scope(model, scopes, field=f"{path}.ignored_scopes")
 
@@ -291,7 +423,7 @@ def _validate(config: Any, model: nn.Module | None) -> tuple[dict[str, Any], str
             "ignored_scopes": list(scopes),
             "target_device": device,
         }],
-        "qat_plugins": {"regularizers": norm_regs, "keep_first_last_8bit": keep},
+        "qat_plugins": {"regularizers": norm_regs, "keep_first_last_8bit": keep, "train": train},
     }, path
 
 
@@ -320,25 +452,56 @@ def from_config(
     *,
     regularizers_factory: Callable[[list[dict[str, Any]]], Any] | None = None,
 ) -> NNCFQATSetup:
-    """Build an NNCF QAT model from a legacy-NNCF-style config (dict or JSON file path).
+    """Build an NNCF QAT model from a legacy-NNCF-style config (dict or JSON file path), regularizers attached.
 
     Validates everything (``ValueError`` naming the field path), checks ``input_info.sample_size``
-    against the model and the calibration data, then calls ``prepare_qat`` with the mapped arguments
-    (table in the module docstring). ``regularizers_factory``, when given, is called once with the
-    list of regularizer dicts; its result is stored in ``NNCFQATSetup.regularizers``. Nothing is
-    attached to the model here.
+    against the model and the calibration data, builds the regularizers with
+    ``regularizers_factory(entries)`` (default :func:`qat_plugins.regularizers.build_regularizers`;
+    before quantizing, so a bad entry fails fast), calls ``prepare_qat`` with the mapped arguments
+    (table in the module docstring) and attaches the regularizers to the QAT model with
+    ``qat_plugins.attach(qat_model, regs, fp_model=model)``.
+
+    ``model`` (the float model) is left unchanged apart from what ``attach`` does to a teacher: eval
+    mode and ``requires_grad=False`` until ``setup.regularizers.detach()``. A custom
+    ``regularizers_factory`` must return :class:`~qat_plugins.regularizers.Regularizer` instances;
+    entry names and options are then its business (only ``name``, ``weight``, ``layers`` and
+    ``blocks`` are checked here).
     """
     _q._require_nncf()
     if regularizers_factory is not None and not callable(regularizers_factory):
         raise TypeError(f"regularizers_factory must be callable, got {type(regularizers_factory).__name__}")
+    norm, path = _validate_for(model, config, calibration_data, check_regularizers=regularizers_factory is None)
+    regs_cfg = copy.deepcopy(norm["qat_plugins"]["regularizers"])
+    if regularizers_factory is None:
+        regs = build_regularizers(copy.deepcopy(regs_cfg), where="qat_plugins.regularizers")
+    else:
+        regs = list(regularizers_factory(copy.deepcopy(regs_cfg)))
+        bad = [type(r).__name__ for r in regs if not isinstance(r, Regularizer)]
+        if bad:
+            raise TypeError(f"regularizers_factory must return qat_plugins Regularizer instances, got {bad}")
+    qmodel = _prepare(model, norm, path, calibration_data)
+    regset = attach(qmodel, regs, fp_model=model)
+    return NNCFQATSetup(model=qmodel, regularizers_config=regs_cfg, nncf_config=norm,
+                        input_shape=tuple(norm["input_info"]["sample_size"]), regularizers=regset, fp_model=model)
+
+
+def _validate_for(model: nn.Module, config: Any, calibration_data: Any, *,
+                  check_regularizers: bool = True) -> tuple[dict[str, Any], str]:
+    """Validate ``config`` against ``model`` and the calibration data (no quantization yet)."""
     wrapped = _q._wrap_sequential(model, warn=False)  # names for validation; prepare_qat warns itself
-    norm, path = _validate(config, wrapped)
-    sample_size = norm["input_info"]["sample_size"]
-    _check_input(model, sample_size, calibration_data)
+    norm, path = _validate(config, wrapped, check_regularizers=check_regularizers)
+    _check_input(model, norm["input_info"]["sample_size"], calibration_data)
+    return norm, path
+
+
+def _prepare(model: nn.Module, norm: dict[str, Any], path: str, calibration_data: Any) -> nn.Module:
+    """``prepare_qat`` with the arguments of a normalized config (the one quantization code path)."""
     comp = norm["compression"][0]
+    sample_size = norm["input_info"]["sample_size"]
+    wrapped = _q._wrap_sequential(model, warn=False)
     scope = _q.make_ignored_scope(wrapped, comp["ignored_scopes"], field=f"{path}.ignored_scopes") \
         if comp["ignored_scopes"] else None
-    qmodel = _q.prepare_qat(
+    return _q.prepare_qat(
         model, calibration_data,
         weight_bits=comp["weights"]["bits"], act_bits=comp["activations"]["bits"],
         preset=comp["preset"], ignored_scope=scope, target_device=comp["target_device"],
@@ -346,7 +509,3 @@ def from_config(
         example_input=torch.zeros(sample_size),
         keep_first_last_8bit=norm["qat_plugins"]["keep_first_last_8bit"],
     )
-    regs_cfg = copy.deepcopy(norm["qat_plugins"]["regularizers"])
-    regularizers = list(regularizers_factory(copy.deepcopy(regs_cfg))) if regularizers_factory is not None else []
-    return NNCFQATSetup(model=qmodel, regularizers_config=regs_cfg, nncf_config=norm,
-                        input_shape=tuple(sample_size), regularizers=regularizers)

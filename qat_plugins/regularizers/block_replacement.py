@@ -34,7 +34,8 @@ class BlockReplacementRegularizer(Regularizer):
     backward) or all blocks (``sample="all"``). ``distill_backbone=False`` drops ``KD(Q || F)``.
 
     Defaults (open in the paper): weight=1.0, sample="one", temperature=1.0, ce_weight=1.0,
-    kd_weight=1.0, distill_backbone=True; FP BatchNorm stays in eval mode.
+    kd_weight=1.0, distill_backbone=True, seed=None (sample with torch's global generator; an int gives
+    the regularizer its own generator); FP BatchNorm stays in eval mode.
     """
 
     name = "br"
@@ -54,7 +55,8 @@ class BlockReplacementRegularizer(Regularizer):
         self.sample, self.temperature = sample, float(temperature)
         self.ce_weight, self.kd_weight, self.distill_backbone = float(ce_weight), float(kd_weight), bool(distill_backbone)
         self.seed = seed
-        self._rng = random.Random(seed)
+        # seed=None draws from torch's global generator, which the trainer seeds and checkpoints
+        self._rng = random.Random(seed) if seed is not None else None
         self._q_tap: FeatureTap | None = None
         self._replace: FeatureTap | None = None
         self._feature: torch.Tensor | None = None
@@ -68,7 +70,8 @@ class BlockReplacementRegularizer(Regularizer):
             try:
                 find_site(self.fp_model, b)
             except ValueError as e:
-                raise ValueError(f"block {b!r} is not in the FP model: {e}") from None
+                raise ValueError(f"block {b!r} is not in the FP model: {e}; pass the FP model the QAT model was "
+                                 "prepared from") from None
         self._q_tap = self.tap(student, self.blocks)
         sites = []
         for b in self.blocks:
@@ -123,7 +126,7 @@ class BlockReplacementRegularizer(Regularizer):
         if fp_logits.shape != outputs.shape:
             raise ValueError(f"FP model logits {tuple(fp_logits.shape)} differ from the QAT model's "
                              f"{tuple(outputs.shape)}; the FP model must be the same architecture")
-        chosen = self.blocks if self.sample == "all" else [self._rng.choice(self.blocks)]
+        chosen = self.blocks if self.sample == "all" else [self._pick()]
         self.last_blocks = chosen
         loss = kd_kl(outputs, fp_logits, self.temperature) if self.distill_backbone else outputs.new_zeros(())
         branch = outputs.new_zeros(())
@@ -135,12 +138,20 @@ class BlockReplacementRegularizer(Regularizer):
                 branch = branch + self.kd_weight * kd_kl(mixed, fp_logits, self.temperature)
         return loss + branch / len(chosen)
 
+    def _pick(self) -> str:
+        if self._rng is not None:
+            return self._rng.choice(self.blocks)
+        return self.blocks[int(torch.randint(len(self.blocks), ()))]
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self._rng.getstate()}
+        state = super().state_dict()
+        if self._rng is not None:
+            state["rng"] = self._rng.getstate()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if "rng" in state:
+        if "rng" in state and self._rng is not None:
             rng = state["rng"]
             self._rng.setstate((rng[0], tuple(rng[1]), rng[2]))
 

@@ -43,7 +43,8 @@ def build_regularizer(spec: Mapping[str, Any], *, where: str = "regularizers[0]"
             raise ValueError(f"{where}.{key}: unknown option for {name!r}; allowed: {allowed}")
     for p in allowed:
         if params[p].default is inspect.Parameter.empty and p not in kwargs:
-            raise ValueError(f"{where}.{p}: required for {name!r}")
+            hint = " (a list of module names, e.g. [layer1, layer2])" if p in ("blocks", "layers") else ""
+            raise ValueError(f"{where}.{p}: required for {name!r}{hint}")
     w = kwargs.get("weight", 1.0)
     if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
         raise ValueError(f"{where}.weight: must be a number >= 0, got {w!r}")
