@@ -213,7 +213,7 @@ class _GridFakeQuantize(FakeQuantizeBase):
 
     def calculate_qparams(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         """``(scale, zero_point)`` as torch.ao's ``convert`` expects (float scale, int zero point)."""
-        scale = torch.clamp(self.scale.detach(), min=self.eps).float()
+        scale = torch.clamp(self.scale.detach().abs(), min=self.eps).float()
         return scale, self.zero_point.detach().round().to(torch.int32)
 
     def _resize_to(self, n: int) -> None:
@@ -294,7 +294,9 @@ class LSQFakeQuantize(_GridFakeQuantize):
             return x
         n = x.numel() / max(1, self.scale.numel())
         g = 1.0 / math.sqrt(n * self.quant_max)  # LSQ: g = 1/sqrt(N * Q_P), Q_P = quant_max
-        scale = torch.clamp(_grad_scale(self.scale, g), min=self.eps)
+        # |s|: a step that SGD pushes below zero keeps a gradient and recovers; clamping alone
+        # would freeze it at eps and silence every channel behind it
+        scale = torch.clamp(_grad_scale(self.scale, g).abs(), min=self.eps)
         return fake_quantize(x, scale.to(x.dtype), self.zero_point.to(x.dtype), self.quant_min,
                              self.quant_max, self.ch_axis)
 
