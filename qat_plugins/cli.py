@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -70,8 +71,17 @@ def _one_line(e: BaseException) -> str:
     return msg
 
 
+def _rank() -> int:
+    """Global rank under torchrun (``RANK``), else 0."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    r = _rank()  # under torchrun every rank reports its own error; tag those of ranks > 0
+    print(f"{PROG}: error: {f'[rank {r}] ' if r else ''}{message}", file=sys.stderr)
     return 2
 
 
@@ -98,7 +108,8 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _out(text: str = "") -> None:
-    print(text, flush=True)
+    if _rank() == 0:  # results are printed once, by rank 0, under torchrun
+        print(text, flush=True)
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -306,7 +317,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     entry = getattr(bench_mod, "main", None)
     if entry is None:
         raise ValueError("qat_plugins.bench has no main(argv) in this version")
-    return int(entry(list(args.bench_args)) or 0)
+    bench_args = list(args.bench_args)
+    if bench_args[:1] == ["--"]:
+        bench_args = bench_args[1:]
+    return int(entry(bench_args) or 0)
 
 
 # --- parser / main -------------------------------------------------------------------------------
@@ -368,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qat-plugins``; returns the exit status (2 for user errors)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "bench" in argv and all(a.startswith("-") for a in argv[: argv.index("bench")]):
+        # everything after `bench` belongs to the benchmark runner (argparse's REMAINDER drops
+        # leading options such as --quick)
+        i = argv.index("bench")
+        argv = argv[:i + 1] + ["--"] + argv[i + 1:] if "--" not in argv[i + 1:i + 2] else argv
     try:
         args = parser.parse_args(argv)
     except UsageError as e:

@@ -122,6 +122,9 @@ def load_idx_dataset(directory: str | os.PathLike[str], *, name: str = "idx",
     xte, yte = read_idx(files["t10k-images-idx3-ubyte"]), read_idx(files["t10k-labels-idx1-ubyte"])
     if len(xtr) != len(ytr) or len(xte) != len(yte):
         raise ValueError(f"{d}: image and label counts differ; the files are inconsistent")
+    if len(xtr) == 0 or len(xte) == 0:
+        raise ValueError(f"{d}: the idx files hold no samples ({len(xtr)} train, {len(xte)} test images); "
+                         "re-install or re-download them")
     if limit_train is not None:
         xtr, ytr = xtr[:limit_train], ytr[:limit_train]
     xtr_t = torch.from_numpy(xtr.astype(np.float32) / 255.0)[:, None]

@@ -40,7 +40,15 @@ log = logging.getLogger("qat_plugins.bench")
 
 
 def quiet_worker() -> None:
-    """Per-process setup: one torch thread, no library chatter (warnings, NNCF progress bars)."""
+    """Per-process setup: one torch thread, no library chatter (warnings, NNCF progress bars).
+
+    In a worker process only: run in the caller's process (``--workers 1``) it would silence the
+    caller's own logging and warnings for good.
+    """
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     for name in ("nncf", "qat_plugins.training"):

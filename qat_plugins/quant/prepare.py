@@ -100,8 +100,11 @@ def _output_dequant_hook(module: nn.Module, args: Any, output: Any) -> Any:
 
 
 def _check_args(weight_bits: Any, act_bits: Any, mode: Any) -> None:
-    quant_range(weight_bits, True)
-    quant_range(act_bits, False)
+    for name, bits, signed in (("weight_bits", weight_bits, True), ("act_bits", act_bits, False)):
+        try:
+            quant_range(bits, signed)
+        except (TypeError, ValueError) as e:  # name the argument
+            raise type(e)(f"{name}: {e}") from None
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
 

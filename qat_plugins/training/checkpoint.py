@@ -120,7 +120,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"checkpoint {p} is truncated or corrupt ({type(e).__name__}: {detail}); delete it and "
                          "start again without --resume") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{p} is not a qat_plugins training checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+        raise ValueError(f"{p} is not a qat_plugins training checkpoint (format {CHECKPOINT_FORMAT!r} expected); "
+                         "resume only from a checkpoint.pt written by qat-plugins train")
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise ValueError(f"checkpoint {p} is incomplete (missing {missing}); delete it and start again")

@@ -283,7 +283,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a YAML (``.yaml`` / ``.yml``) or JSON file into a dict; errors name the file."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"config file {p} does not exist")
+        raise FileNotFoundError(f"config file {p} does not exist; check the path (e.g. examples/train_config.yaml)")
     if not p.is_file():
         raise ValueError(f"config file {p} is not a regular file")
     try:

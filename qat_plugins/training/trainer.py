@@ -14,9 +14,12 @@ has its own generator, and the DataLoader gets its own generator, so the same co
 identical weights (at the same ``num_threads``). Resuming mid-epoch skips the batches of that
 permutation already seen, after restoring model, optimizer, scheduler, regularizer and RNG states.
 
-Distributed: the loader switches to ``DistributedSampler`` and :func:`_wrap_model` to
-``DistributedDataParallel`` when ``torch.distributed`` is initialised; progress bars, logs,
-checkpoints and results are written on rank 0 only. :func:`train_step` is the per-batch unit.
+Distributed: under ``torchrun`` :func:`run` initialises the process group (gloo on CPU; see
+:mod:`qat_plugins.training.distributed`); the loader switches to ``DistributedSampler`` (this rank's
+shard; ``data.batch_size`` is per process) and :func:`_wrap_model` to ``DistributedDataParallel``
+after the calibration forward; progress bars, logs, checkpoints and results are written on rank 0
+only, and rank-0-only failures (output directory, checkpoint writes) and non-finite losses are
+agreed on by all ranks. :func:`train_step` is the per-batch unit.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from ..regularizers import NonFiniteLossError, Regularizer, RegularizerSet, atta
 from ..taps import first_tensor, unwrap
 from .checkpoint import atomic_write_bytes, capture_rng, check_config_matches, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, _as_train_config, config_hash, update_config
+from .distributed import (agree_on_error, any_rank, broadcast_module, broadcast_object, distributed_session, rank,
+                          world_size, wrap_ddp)
 
 __all__ = [
     "TrainResult", "train_fp", "train_qat", "run", "evaluate", "train_step", "build_loader", "load_data",
@@ -67,8 +72,8 @@ def _distributed() -> bool:
 
 
 def is_rank0() -> bool:
-    """True unless ``torch.distributed`` is initialised and this process is not rank 0."""
-    return not _distributed() or torch.distributed.get_rank() == 0
+    """True unless this process is not rank 0 (of the process group, else of ``RANK`` set by torchrun)."""
+    return rank() == 0
 
 
 def seed_everything(seed: int) -> None:
@@ -79,11 +84,12 @@ def seed_everything(seed: int) -> None:
 
 
 def _wrap_model(model: nn.Module) -> nn.Module:
-    """The one place the training model is wrapped: ``DistributedDataParallel`` when distributed."""
-    if _distributed():
-        from torch.nn.parallel import DistributedDataParallel
+    """The one place the training model is wrapped: ``DistributedDataParallel`` when distributed.
 
-        return DistributedDataParallel(model)
+    Call it after the calibration forward (LSQ per-channel step sizes get their shape there).
+    """
+    if _distributed():
+        return wrap_ddp(model)
     return model
 
 
@@ -173,7 +179,12 @@ def load_data(cfg: TrainConfig | Mapping[str, Any] | str) -> DataSplit:
     """The config's dataset (``data.limit_train`` keeps the first N training samples)."""
     cfg = _as_train_config(cfg)
     d = cfg.data
-    split = load_dataset(d.name, data_dir=d.data_dir, size=d.size)
+    try:
+        split = load_dataset(d.name, data_dir=d.data_dir, size=d.size)
+    except (FileNotFoundError, ValueError) as e:
+        if d.name == "digits":
+            raise
+        raise type(e)(f"data.data_dir: {e}") from None  # name the config field to fix
     if d.limit_train is not None and d.limit_train < len(split.train):
         split = DataSplit(TensorDataset(*(t[:d.limit_train] for t in split.train.tensors)), split.test,
                           split.num_classes, split.name)
@@ -246,14 +257,25 @@ def train_step(model: nn.Module, regs: RegularizerSet | None, batch: Sequence[to
     out = model(x)
     logits = first_tensor(out)
     task = F.cross_entropy(logits, y)
-    if not torch.isfinite(task.detach()):
-        raise NonFiniteLossError(f"task loss (cross-entropy) is non-finite ({float(task.detach())}); check the "
-                                 "inputs for NaN/inf values, or lower the learning rate")
-    reg = regs.loss(x, y, out) if regs is not None and len(regs) else None
-    loss = task if reg is None else task + reg
-    if not torch.isfinite(loss.detach()):
-        raise NonFiniteLossError(f"total loss (task + regularizers) is non-finite ({float(loss.detach())}); "
-                                 "lower the regularizer weights or the learning rate")
+    err: NonFiniteLossError | None = None
+    reg = None
+    try:
+        if not torch.isfinite(task.detach()):
+            raise NonFiniteLossError(f"task loss (cross-entropy) is non-finite ({float(task.detach())}); check the "
+                                     "inputs for NaN/inf values, or lower the learning rate")
+        reg = regs.loss(x, y, out) if regs is not None and len(regs) else None
+        loss = task if reg is None else task + reg
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(f"total loss (task + regularizers) is non-finite ({float(loss.detach())}); "
+                                     "lower the regularizer weights or the learning rate")
+    except NonFiniteLossError as e:
+        err = e
+    if _distributed():  # every rank skips / stops together, or the others would wait in the all-reduce
+        bad = any_rank(err is not None)
+        if bad and err is None:
+            err = NonFiniteLossError(f"non-finite loss on rank(s) {bad} (this rank's shard was fine)")
+    if err is not None:
+        raise err
     loss.backward()
     optimizer.step()
     with torch.no_grad():
@@ -393,6 +415,7 @@ def train_fp(model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[str, 
                     _handle_nonfinite(e, cfg, skipped, f"FP training, epoch {epoch + 1}")
                 _scheduler_step(sched)
         stats.time = time.perf_counter() - t0
+        broadcast_module(model, params=False)  # BN statistics of the last local batch -> rank 0's
         h = stats.summary(epoch + 1, evaluate(model, data.test), opt.param_groups[0]["lr"], (epoch + 1) * spe)
         _info("%s", _fmt_epoch("fp", h, fc.epochs))
     return model.eval()
@@ -445,7 +468,7 @@ def prepare_student(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Map
     """
     cfg = _as_train_config(cfg)
     q = cfg.qat
-    x0 = _first_batch(data, cfg.data.batch_size)
+    x0 = _first_batch(data, cfg.data.batch_size * world_size())  # the first global batch, on every rank
     student = prepare_qat(fp_model, weight_bits=q.weight_bits, act_bits=q.act_bits, mode=q.mode,
                           example_inputs=(x0,), keep_first_last_8bit=q.keep_first_last_8bit,
                           per_channel=q.per_channel, learnable=q.learnable)
@@ -466,11 +489,19 @@ def _check_same_fp(saved: Mapping[str, torch.Tensor], fp_model: nn.Module, path:
                              "resume with the FP model the checkpoint was made from")
 
 
+def _check_world_size(ckpt: Mapping[str, Any], path: Any) -> None:
+    saved = int(ckpt.get("world_size", 1))
+    if saved != world_size():  # the data order, steps per epoch and schedule depend on it
+        raise ValueError(f"checkpoint {path} was made by {saved} process(es), this run has {world_size()}; resume "
+                         "with the same torchrun --nnodes x --nproc_per_node")
+
+
 def train_qat(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[str, Any] | str, *,
               regularizers: Sequence[Regularizer] | None = None, checkpoint_path: str | Path | None = None,
               resume: bool = False, max_steps: int | None = None,
               callback: Callable[[int, dict[str, Any]], None] | None = None,
-              prepare_fn: Callable[[nn.Module, DataSplit, TrainConfig], nn.Module] | None = None) -> TrainResult:
+              prepare_fn: Callable[[nn.Module, DataSplit, TrainConfig], nn.Module] | None = None,
+              checkpoint_extra: Callable[[nn.Module], Mapping[str, Any]] | None = None) -> TrainResult:
     """Quantization-aware training of a copy of ``fp_model`` (which is left unchanged).
 
     Args:
@@ -488,6 +519,9 @@ def train_qat(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[s
             stops training with the last checkpoint intact.
         prepare_fn: ``prepare_fn(fp_model, data, cfg) -> student`` builds the QAT model instead of
             :func:`prepare_student` (e.g. NNCF's flow); it must return a calibrated copy in train mode.
+        checkpoint_extra: ``checkpoint_extra(student) -> dict`` stored under ``"extra"`` in every
+            checkpoint (e.g. NNCF's ``get_config``, needed to rebuild the student on resume); plain
+            containers and tensors only (``torch.load(weights_only=True)``).
 
     Raises:
         NonFiniteLossError: non-finite loss with ``nan_policy="raise"`` (or after ``max_skipped`` skips),
@@ -507,7 +541,9 @@ def train_qat(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[s
         ckpt = load_checkpoint(ckpt_path)
         check_config_matches(ckpt, cfg, ckpt_path)
         _check_same_fp(ckpt["fp_model"], fp_model, ckpt_path)
+        _check_world_size(ckpt, ckpt_path)
 
+    broadcast_module(unwrap(fp_model))  # one teacher for all ranks (no-op in a single process)
     seed_everything(cfg.seed + 1)
     student = (prepare_fn or prepare_student)(fp_model, data, cfg)
     regs_list = build_regularizers(cfg.regularizers) if regularizers is None else list(regularizers)
@@ -517,7 +553,8 @@ def train_qat(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[s
     model = _wrap_model(student)
     regs = attach(model, regs_list, fp_model=fp_model)
     try:
-        return _qat_loop(student, model, regs, fp_model, data, cfg, ckpt, ckpt_path, max_steps, callback)
+        return _qat_loop(student, model, regs, fp_model, data, cfg, ckpt, ckpt_path, max_steps, callback,
+                         checkpoint_extra)
     finally:
         regs.detach()
         student.eval()
@@ -525,7 +562,8 @@ def train_qat(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[s
 
 def _qat_loop(student: nn.Module, model: nn.Module, regs: RegularizerSet, fp_model: nn.Module, data: DataSplit,
               cfg: TrainConfig, ckpt: Mapping[str, Any] | None, ckpt_path: Path | None, max_steps: int | None,
-              callback: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
+              callback: Callable[[int, dict[str, Any]], None] | None,
+              checkpoint_extra: Callable[[nn.Module], Mapping[str, Any]] | None = None) -> TrainResult:
     q = cfg.qat
     bs = cfg.data.batch_size
     optimizer = torch.optim.SGD(_param_groups(student, q.weight_decay), lr=q.lr, momentum=q.momentum)
@@ -550,19 +588,37 @@ def _qat_loop(student: nn.Module, model: nn.Module, regs: RegularizerSet, fp_mod
         restore_rng(ckpt["rng"], gens)
         _info("resumed from %s at step %d/%d (epoch %d, batch %d)", ckpt_path, prog["step"], total,
               prog["epoch"] + 1, prog["batch"])
+    if _distributed():  # rank 0's regularizer state (EMA teacher, block-replacement RNG) on every rank
+        regs.load_state_dict(broadcast_object(regs.state_dict()))
 
     def save() -> None:
+        if not _distributed():
+            _save()
+            return
+        err: BaseException | None = None  # rank 0 writes; every rank waits for the file (resume reads it)
+        try:
+            _save()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            err = e
+        err = agree_on_error(err)
+        if err is not None:
+            raise err
+
+    def _save() -> None:
         if not saver:
             return
         assert ckpt_path is not None
         p = dict(prog)
         p["epoch_stats"] = stats.state()
-        save_checkpoint(ckpt_path, {
+        state = {
             "model": student.state_dict(), "fp_model": unwrap(fp_model).state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "regularizers": regs.state_dict(), "rng": capture_rng(gens), "progress": p,
-            "config": cfg.to_dict(), "config_hash": config_hash(cfg),
-        })
+            "config": cfg.to_dict(), "config_hash": config_hash(cfg), "world_size": world_size(),
+        }
+        if checkpoint_extra is not None:
+            state["extra"] = dict(checkpoint_extra(student))
+        save_checkpoint(ckpt_path, state)
 
     stats = _EpochStats(prog.get("epoch_stats"))
     if ckpt is None:
@@ -609,6 +665,7 @@ def _qat_loop(student: nn.Module, model: nn.Module, regs: RegularizerSet, fp_mod
                 if end_of_epoch:
                     bar.close()  # before the epoch's log line
                     stats.time = time.perf_counter() - t_epoch
+                    broadcast_module(student, params=False)  # buffers of the last local forward -> rank 0's
                     h = stats.summary(epoch + 1, evaluate(student, data.test), optimizer.param_groups[0]["lr"],
                                       prog["step"])
                     last_eval_step = prog["step"]
@@ -634,6 +691,7 @@ def _qat_loop(student: nn.Module, model: nn.Module, regs: RegularizerSet, fp_mod
                 if end_of_epoch:
                     break
 
+    broadcast_module(student, params=False)
     history = list(prog["history"])
     if history and (last_eval_step == prog["step"] or prog["step"] == total):
         test_acc = history[-1]["test_acc"]
@@ -663,14 +721,18 @@ def prepare_output_dir(output_dir: str | Path, *, resume: bool = False,
         os.unlink(probe)
     except OSError as e:
         err = type(e) if isinstance(e, (PermissionError, NotADirectoryError, FileExistsError)) else PermissionError
-        raise err(f"cannot write to output directory {out}: {e.strerror or e}") from None
+        raise err(f"cannot write to output directory {out}: {e.strerror or e}; choose a writable directory "
+                  "(output_dir / --output-dir)") from None
     ckpt = out / CHECKPOINT_NAME
     existing = [out / name for name in outputs if (out / name).exists()]
     if resume:
         if not ckpt.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint {ckpt} to resume from")
+            raise FileNotFoundError(f"--resume: no checkpoint {ckpt} to resume from; drop --resume to start a new "
+                                    "run, or point --output-dir at the interrupted run")
         if existing:
             raise FileExistsError(f"the run in {out} already finished ({existing[0]} exists); nothing to resume")
+        for stale in out.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # half-written by a run killed while saving
+            stale.unlink(missing_ok=True)
     else:
         if ckpt.exists():
             raise FileExistsError(f"{ckpt} exists (an earlier run); pass --resume to continue it, or choose another "
@@ -704,6 +766,10 @@ def run(cfg: TrainConfig | Mapping[str, Any] | str, *, output_dir: str | Path | 
     ``results.json`` into ``output_dir`` (default ``cfg.output_dir``; ``None`` for neither). With
     ``resume`` the FP model comes from the checkpoint and QAT continues where it stopped.
     Sets ``torch.set_num_threads(cfg.num_threads)`` when ``num_threads`` is not null.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) it initialises the process group for the run and tears it
+    down afterwards (:func:`~qat_plugins.training.distributed.distributed_session`); ``data.batch_size``
+    is per process, so the global batch is ``batch_size * WORLD_SIZE``.
     """
     cfg = _as_train_config(cfg)
     if output_dir is not None:
@@ -713,19 +779,34 @@ def run(cfg: TrainConfig | Mapping[str, Any] | str, *, output_dir: str | Path | 
     out = Path(cfg.output_dir) if cfg.output_dir else None
     if resume and out is None:
         raise ValueError("output_dir: needed to resume (the checkpoint lives there)")
+    with distributed_session():
+        return _run(cfg, out, resume, max_steps, callback)
+
+
+def _run(cfg: TrainConfig, out: Path | None, resume: bool, max_steps: int | None,
+         callback: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
     ckpt_path = None
-    if out is not None and is_rank0():
-        prepare_output_dir(out, resume=resume)
     if out is not None:
+        err: BaseException | None = None
+        if is_rank0():
+            try:
+                prepare_output_dir(out, resume=resume)
+            except OSError as e:
+                err = e
+        err = agree_on_error(err)  # the other ranks stop with rank 0's message instead of waiting for it
+        if err is not None:
+            raise err
         ckpt_path = out / CHECKPOINT_NAME
 
     t0 = time.perf_counter()
     data = load_data(cfg)
     fp = build_fp_model(cfg, data)
+    _check_regularizer_names(cfg, fp, data)
     if resume:
         assert ckpt_path is not None
         ckpt = load_checkpoint(ckpt_path)
         check_config_matches(ckpt, cfg, ckpt_path)
+        _check_world_size(ckpt, ckpt_path)
         fp.load_state_dict(ckpt["fp_model"])
         fp.eval()
         del ckpt
@@ -738,12 +819,42 @@ def run(cfg: TrainConfig | Mapping[str, Any] | str, *, output_dir: str | Path | 
     result.fp_test_accuracy = fp_acc
     _info("QAT W%dA%d test top-1 %.2f%% (FP %.2f%%), %.1f ms/step", cfg.qat.weight_bits, cfg.qat.act_bits,
           100 * result.test_accuracy, 100 * fp_acc, 1000 * result.mean_step_time)
-    if out is not None and not result.interrupted and is_rank0():
+    if out is not None and not result.interrupted:
         from .. import __version__
 
-        payload = {"package_version": __version__, "wall_time_s": time.perf_counter() - t0, **result.to_dict()}
-        write_json(out / RESULTS_NAME, payload)
+        err = None
+        if is_rank0():
+            try:
+                payload = {"package_version": __version__, "wall_time_s": time.perf_counter() - t0,
+                           **result.to_dict()}
+                write_json(out / RESULTS_NAME, payload)
+            except OSError as e:
+                err = e
+        err = agree_on_error(err)
+        if err is not None:
+            raise err
     return result
+
+
+def _check_regularizer_names(cfg: TrainConfig, fp: nn.Module, data: DataSplit) -> None:
+    """Attach the config's regularizers to a throwaway QAT copy of ``fp`` before any training, so a
+    layer / block name that is not in the model fails in seconds, naming its config entry."""
+    if not cfg.regularizers:
+        return
+    q = cfg.qat
+    x0 = _first_batch(data, 2)
+    probe = prepare_qat(fp, weight_bits=q.weight_bits, act_bits=q.act_bits, mode=q.mode, example_inputs=(x0,),
+                        keep_first_last_8bit=q.keep_first_last_8bit, per_channel=q.per_channel,
+                        learnable=q.learnable)
+    for i, (spec, reg) in enumerate(zip(cfg.regularizers, build_regularizers(cfg.regularizers))):
+        field = next((f".{k}" for k in ("blocks", "layers") if spec.get(k) is not None), "")
+        try:
+            reg.attach(probe, fp_model=fp)
+        except ValueError as e:
+            raise ValueError(f"regularizers[{i}]{field}: {e}; use module names of the {cfg.model.name} model") from None
+        finally:
+            if reg.attached:
+                reg.detach()
 
 
 def load_trained(checkpoint: str | Path) -> tuple[nn.Module, nn.Module, TrainConfig, DataSplit]:
