@@ -18,6 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .._io import atomic_write_bytes
 from .settings import DATASETS, METHODS, BenchSettings, preset
 
 __all__ = ["main", "parse_args", "settings_from_args", "run_benchmark", "TINY_ENV"]
@@ -369,9 +370,7 @@ def run_benchmark(s: BenchSettings, out: Path, cache: Path, argv: Sequence[str],
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(payload, indent=1, default=str).encode())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,6 +80,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnx
 import torch
+
+from .._io import atomic_write_bytes
 from onnx import numpy_helper
 from torch import nn
 
@@ -162,20 +164,6 @@ def _check_target(path: Any) -> Path:
         raise PermissionError(f"cannot write to directory {parent} ({e.strerror or e}); choose a "
                               "writable location for the ONNX file") from None
     return p
-
-
-def _atomic_write(p: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _outputs_of(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[str]:
@@ -319,7 +307,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         raise RuntimeError(f"the exported ONNX model failed onnx.checker: {e}") from None
-    _atomic_write(p, proto.SerializeToString())
+    atomic_write_bytes(p, proto.SerializeToString())
     return p
 
 
@@ -408,5 +396,5 @@ def unpack_int4(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
             entry.value = "int4-unpacked"
     onnx.checker.check_model(model)
     d = _check_target(dst)
-    _atomic_write(d, model.SerializeToString())
+    atomic_write_bytes(d, model.SerializeToString())
     return d

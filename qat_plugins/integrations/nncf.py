@@ -53,18 +53,18 @@ How NNCF 3.4's torch backend handles bit widths (checked on nncf 3.4.0 / torch 2
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
 import os
 import pathlib
 import re
-import tempfile
 import warnings
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
+
+from .._io import atomic_path
 from torch import nn
 
 __all__ = [
@@ -628,15 +628,8 @@ def _apply_bits(qmodel: nn.Module, example: Any, weight_bits: int, act_bits: int
 # --------------------------------------------------------------------------------------------------
 def _atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(pathlib.Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        write(tmp)
     return path
 
 

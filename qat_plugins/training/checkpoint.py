@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from .._io import atomic_path, atomic_write_bytes
 
 from .config import TrainConfig, config_diff, config_hash
 
@@ -42,58 +43,16 @@ def _package_version() -> str:
     return __version__
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory, then rename).
-
-    With ``overwrite=False`` an existing file is never replaced (``FileExistsError``).
-    """
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file the usual permissions
-        if overwrite:
-            os.replace(tmp, p)
-        else:
-            try:
-                os.link(tmp, p)  # fails if p exists: no overwrite, still atomic
-            except FileExistsError:
-                raise FileExistsError(f"{p} already exists; not overwriting it") from None
-            except OSError:  # file systems without hard links
-                if p.exists():
-                    raise FileExistsError(f"{p} already exists; not overwriting it") from None
-                os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
-
-
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
     """Atomically write a checkpoint dict (adds format and version fields); returns the path."""
     p = Path(path)
     full = {"format": CHECKPOINT_FORMAT, "package_version": _package_version(), "torch_version": str(torch.__version__),
             **state}
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(p) as tmp:
+        with open(tmp, "wb") as f:
             torch.save(full, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return p
 
 
