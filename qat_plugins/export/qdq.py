@@ -190,36 +190,8 @@ class FloatWeight(nn.Module):
         return self.weight
 
 
-class ExportConv(nn.Module):
-    """Conv{1,2,3}d with the weight from a :class:`QuantizedWeight`/:class:`FloatWeight`, [+ ReLU]."""
-
-    def __init__(self, src: nn.modules.conv._ConvNd, weight: nn.Module, bias: torch.Tensor | None,
-                 relu: bool) -> None:
-        super().__init__()
-        self.dim = len(src.kernel_size)
-        self.stride, self.dilation, self.groups = src.stride, src.dilation, src.groups
-        self.padding, self.padding_mode = src.padding, src.padding_mode
-        self._reversed_padding_repeated_twice = getattr(src, "_reversed_padding_repeated_twice", None)
-        self.w = weight
-        if bias is not None:
-            self.register_buffer("bias", bias.detach().float().clone())
-        else:
-            self.bias = None
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
-        w = self.w()
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            y = conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
-        else:
-            y = conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return F.relu(y) if self.relu else y
-
-
-class ExportLinear(nn.Module):
-    """Linear with the weight from a :class:`QuantizedWeight`/:class:`FloatWeight`, [+ ReLU]."""
+class _ExportLayer(nn.Module):
+    """A weight module (:class:`QuantizedWeight`/:class:`FloatWeight`), a float bias, optional ReLU."""
 
     def __init__(self, weight: nn.Module, bias: torch.Tensor | None, relu: bool) -> None:
         super().__init__()
@@ -230,6 +202,34 @@ class ExportLinear(nn.Module):
             self.bias = None
         self.relu = relu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.w(), self.bias)
+    def _act(self, y: torch.Tensor) -> torch.Tensor:
         return F.relu(y) if self.relu else y
+
+
+class ExportConv(_ExportLayer):
+    """Conv{1,2,3}d with the weight from a :class:`QuantizedWeight`/:class:`FloatWeight`, [+ ReLU]."""
+
+    def __init__(self, src: nn.modules.conv._ConvNd, weight: nn.Module, bias: torch.Tensor | None,
+                 relu: bool) -> None:
+        super().__init__(weight, bias, relu)
+        self.dim = len(src.kernel_size)
+        self.stride, self.dilation, self.groups = src.stride, src.dilation, src.groups
+        self.padding, self.padding_mode = src.padding, src.padding_mode
+        self._reversed_padding_repeated_twice = getattr(src, "_reversed_padding_repeated_twice", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
+        w = self.w()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            y = conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        else:
+            y = conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._act(y)
+
+
+class ExportLinear(_ExportLayer):
+    """Linear with the weight from a :class:`QuantizedWeight`/:class:`FloatWeight`, [+ ReLU]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._act(F.linear(x, self.w(), self.bias))
