@@ -8,8 +8,11 @@ ONNX and validate in ONNX Runtime::
     with qp.attach(qat, [qp.ConsistencyRegularizer()]) as regs:
         out = qat(x)
         loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+    qp.export_onnx(qat, "model.onnx", (x[:1],), weight_format="int8")
+    print(qp.validate_onnx("model.onnx", qat, test_loader).to_dict())
 """
 
+from .export import ValidationReport, compare_formats, export_onnx, validate_onnx
 from .quant import LSQFakeQuantize, MinMaxFakeQuantize, prepare_qat, qconfig, qconfig_mapping
 from .regularizers import (
     BlockReplacementRegularizer,
@@ -28,5 +31,6 @@ __all__ = [
     "prepare_qat", "qconfig", "qconfig_mapping", "LSQFakeQuantize", "MinMaxFakeQuantize",
     "Regularizer", "RegularizerSet", "attach", "build_regularizers", "NonFiniteLossError",
     "ConsistencyRegularizer", "FeaturePerturbationRegularizer", "BlockReplacementRegularizer",
+    "export_onnx", "validate_onnx", "compare_formats", "ValidationReport",
     "__version__",
 ]
