@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..taps import FeatureTap, first_tensor, unwrap
+from ..taps import FeatureTap, find_site, first_tensor, unwrap
 
 __all__ = ["Regularizer", "StepContext", "RegularizerSet", "attach", "NonFiniteLossError"]
 
@@ -143,6 +143,16 @@ class Regularizer(ABC):
         self._fp_grad_flags = []
         self.model = self.fp_model = None
         self.last_loss = None
+
+    def _require_in_fp(self, names: Sequence[str], what: str) -> None:
+        """``ValueError`` naming the first of ``names`` the FP model does not have."""
+        assert self.fp_model is not None
+        for n in names:
+            try:
+                find_site(self.fp_model, n)
+            except ValueError as e:
+                raise ValueError(f"{what} {n!r} is not in the FP model: {e}; pass the FP model the QAT model was "
+                                 "prepared from (same architecture)") from None
 
     def tap(self, model: nn.Module, names: Sequence[str] = (), **kw: Any) -> FeatureTap:
         """Create a tap on the QAT model owned (and removed) by this regularizer."""

@@ -66,12 +66,7 @@ class BlockReplacementRegularizer(Regularizer):
     def _attach(self) -> None:
         assert self.model is not None and self.fp_model is not None
         student = unwrap(self.model)
-        for b in self.blocks:
-            try:
-                find_site(self.fp_model, b)
-            except ValueError as e:
-                raise ValueError(f"block {b!r} is not in the FP model: {e}; pass the FP model the QAT model was "
-                                 "prepared from") from None
+        self._require_in_fp(self.blocks, "block")
         self._q_tap = self.tap(student, self.blocks)
         sites = []
         for b in self.blocks:

@@ -93,12 +93,7 @@ class FeaturePerturbationRegularizer(Regularizer):
                  transform=self._perturb)
         # 3. CSD: pre-BN conv outputs of student and FP model
         if self.distill and self.fp_model is not None:
-            for n in self._names:
-                try:
-                    find_site(self.fp_model, n)
-                except ValueError as e:
-                    raise ValueError(f"layer {n!r} of the QAT model is not in the FP model ({e}); the FP model must "
-                                     "be the same architecture") from None
+            self._require_in_fp(self._names, "layer")
             self._student_pre = self.tap(student, sites=[preact_site(student, n) for n in self._names])
             self._fp_pre = self.fp_tap(sites=[preact_site(self.fp_model, n) for n in self._names])
 
