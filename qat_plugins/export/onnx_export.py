@@ -333,6 +333,16 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {p.key[len(META_PREFIX):]: p.value for p in m.metadata_props if p.key.startswith(META_PREFIX)}
 
 
+def _load_onnx(p: Path) -> onnx.ModelProto:
+    """``onnx.load`` with errors that name the file (missing, or not an ONNX model)."""
+    if not p.is_file():
+        raise FileNotFoundError(f"ONNX file {p} does not exist")
+    try:
+        return onnx.load(str(p))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{p} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+
+
 def decode_onnx_weights(path: str | os.PathLike[str], *, dequantize: bool = False) -> dict[str, np.ndarray]:
     """Integer weights of a QDQ ONNX file, by module path (e.g. ``"layer1.conv1"``).
 
@@ -343,12 +353,7 @@ def decode_onnx_weights(path: str | os.PathLike[str], *, dequantize: bool = Fals
     ``(q - zero_point) * scale`` are returned instead, computed as ``DequantizeLinear`` does.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"ONNX file {p} does not exist")
-    try:
-        model = onnx.load(str(p))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{p} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+    model = _load_onnx(p)
     consts = constant_tensors(model.graph)
     meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
     shifted = set(filter(None, meta.get("uint8_offset_layers", "").split(",")))
@@ -384,12 +389,7 @@ def unpack_int4(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     Ship the small INT4 file, unpack it where it is deployed.
     """
     s = Path(src)
-    if not s.is_file():
-        raise FileNotFoundError(f"ONNX file {s} does not exist")
-    try:
-        model = onnx.load(str(s))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{s} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+    model = _load_onnx(s)
     int4_weights_to_int8(model)
     for entry in model.metadata_props:
         if entry.key == META_PREFIX + "weight_format" and entry.value == "int4":
