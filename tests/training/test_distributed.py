@@ -51,7 +51,7 @@ import torch.multiprocessing as mp
 import yaml
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 BATCH = 32  # per rank; the single-process reference uses WORLD * BATCH
 STEPS = 6

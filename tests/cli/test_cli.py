@@ -19,7 +19,7 @@ from qat_plugins.cli import main
 from qat_plugins.regularizers import REGISTRY, register
 from qat_plugins.training import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = {
     "data": {"limit_train": 192, "batch_size": 64},

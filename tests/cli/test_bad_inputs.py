@@ -31,7 +31,7 @@ import yaml
 
 from qat_plugins.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # 256 samples, batch 32: 8 QAT steps per epoch, 40 in all; CR with random views and augmented student
 # inputs, so every RNG stream and the optimizer momentum must be restored exactly.

@@ -98,7 +98,7 @@ def _accuracy(model, ds):
 def test_import_guard(monkeypatch, digits):
     code = ("import sys, qat_plugins, qat_plugins.integrations.nncf, qat_plugins.integrations.nncf_config; "
             "assert 'nncf' not in sys.modules, 'nncf imported eagerly'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     monkeypatch.setitem(sys.modules, "nncf", None)  # as if NNCF were not installed
     with pytest.raises(ImportError, match=r"pip install 'qat-plugins\[nncf\]'"):
         qn.prepare_qat(SmallResNet(width=8), digits.train)

@@ -118,7 +118,7 @@ def test_config_files(tmp_path):
     j = tmp_path / "c.json"
     j.write_text(json.dumps(cfg.to_dict()))
     assert load_config(j) == cfg
-    examples = Path(__file__).resolve().parents[1] / "examples" / "train_config.yaml"
+    examples = Path(__file__).resolve().parents[2] / "examples" / "train_config.yaml"
     assert isinstance(load_config(examples), TrainConfig)
 
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
