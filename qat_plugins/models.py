@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
-__all__ = ["SmallCNN", "SmallResNet", "BasicBlock", "build_model", "MODELS"]
+__all__ = ["SmallCNN", "SmallResNet", "ResNet20", "BasicBlock", "build_model", "MODELS"]
 
 
 class SmallCNN(nn.Module):
@@ -88,11 +88,40 @@ class SmallResNet(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
-MODELS: dict[str, type[nn.Module]] = {"cnn": SmallCNN, "resnet": SmallResNet}
+class ResNet20(nn.Module):
+    """CIFAR-style ResNet-20 (He et al. 2016): stem, three stages ``layer1..3`` of three basic blocks
+    (``width``, ``2*width``, ``4*width`` channels; stride 2 at the start of stages 2 and 3, 1x1
+    conv-bn shortcuts where the shape changes), global average pool, ``fc``. ``width=16`` is the paper's.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 1, blocks: int = 3) -> None:
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU()
+        self.layer1 = self._stage(w, w, blocks, 1)
+        self.layer2 = self._stage(w, 2 * w, blocks, 2)
+        self.layer3 = self._stage(2 * w, 4 * w, blocks, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    @staticmethod
+    def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(*[BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+MODELS: dict[str, type[nn.Module]] = {"cnn": SmallCNN, "resnet": SmallResNet, "resnet20": ResNet20}
 
 
 def build_model(name: str, *, num_classes: int = 10, width: int = 16, in_channels: int = 1) -> nn.Module:
-    """Build a reference model by name (``"cnn"`` or ``"resnet"``)."""
+    """Build a reference model by name (``"cnn"``, ``"resnet"`` or ``"resnet20"``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](num_classes=num_classes, width=width, in_channels=in_channels)
