@@ -11,25 +11,48 @@ same name works on
 * ``DistributedDataParallel`` wrappers (names of the wrapped module).
 
 A tap records only while the model is in training mode with gradients enabled, so evaluation and
-``torch.no_grad()`` pay nothing and see unchanged outputs. Every handle a tap registers is kept and
+``torch.no_grad()`` pay nothing and see unchanged outputs. Inside :func:`exclusive` only the listed
+taps of a model act (regularizers' extra forwards never touch other regularizers' features). Every handle a tap registers is kept and
 removed by :meth:`FeatureTap.remove`; :func:`strip_hooks` removes this package's hooks from a deep
 copy (used for EMA teachers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 __all__ = ["unwrap", "resolve", "FeatureTap", "TapSite", "find_site", "strip_hooks", "default_feature_layers",
-           "conv_layers", "preact_site", "first_tensor"]
+           "conv_layers", "preact_site", "first_tensor", "exclusive", "graph_convs", "GraphSplice"]
 
 _OUR_HOOK_IDS: set[int] = set()
+# id(model) -> stack of the tap ids allowed to act on it (innermost exclusive() block last)
+_SCOPES: dict[int, list[frozenset[int]]] = {}
 _QUANT_MODULE_PREFIXES = ("activation_post_process",)
+
+
+@contextlib.contextmanager
+def exclusive(model: nn.Module, keep: Iterable["FeatureTap"] = ()) -> Iterator[None]:
+    """Within the block only the taps in ``keep`` act on ``model``; all others neither record nor rewrite.
+
+    Regularizers run their loss inside ``exclusive(model)`` and each extra forward (a strongly
+    augmented view, ...) inside ``exclusive(model, [own taps])``, so the features other regularizers
+    recorded in the user's training forward stay untouched and no other transform (SFP noise) fires.
+    """
+    key = id(unwrap(model))
+    stack = _SCOPES.setdefault(key, [])
+    stack.append(frozenset(id(t) for t in keep))
+    try:
+        yield
+    finally:
+        stack.pop()
+        if not stack:
+            _SCOPES.pop(key, None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -76,7 +99,7 @@ def known_names(model: nn.Module) -> list[str]:
     names = {n for n, _ in model.named_modules() if n}
     if isinstance(model, torch.fx.GraphModule):
         names |= _graph_names(model)
-    return sorted(n for n in names if "__nncf" not in n and not n.startswith("_nncf"))
+    return sorted(n for n in names if "__nncf" not in n and not n.startswith(("_nncf", _SPLICE_PREFIX)))
 
 
 def _unknown(name: str, model: nn.Module, what: str = "layer") -> ValueError:
@@ -216,6 +239,9 @@ class FeatureTap:
         return [s.name for s in self.sites]
 
     def _active(self) -> bool:
+        scope = _SCOPES.get(id(self.model))
+        if scope and id(self) not in scope[-1]:
+            return False
         return self.enabled and (self.always or (self.model.training and torch.is_grad_enabled()))
 
     def _reset(self, module: nn.Module, args: Any) -> None:
@@ -268,6 +294,53 @@ class FeatureTap:
             _OUR_HOOK_IDS.discard(h.id)
         self._handles.clear()
         self.features.clear()
+
+
+# --- graph sites (PT2E: convs are aten ops, not modules) -----------------------------------------
+_SPLICE_PREFIX = "_qat_plugins_site_"
+_SPLICES = [0]
+_CONV_OPS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+             torch.ops.aten.convolution.default}
+
+
+def graph_convs(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """``{user's conv module name: conv node}`` of an exported graph (PT2E), from ``nn_module_stack``."""
+    out: dict[str, torch.fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _CONV_OPS:
+            names = _stack_names(n)
+            if names:
+                out.setdefault(names[-1], n)
+    return out
+
+
+class GraphSplice:
+    """An ``nn.Identity`` spliced into one edge ``src -> dst`` of a GraphModule (all of ``src``'s uses if
+    ``dst`` is None), so module hooks (taps) can read or rewrite a value an aten op produces or consumes.
+    :meth:`remove` restores the graph exactly (the identity holds no state)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, src: torch.fx.Node, dst: torch.fx.Node | None = None) -> None:
+        self.gm, self.src = gm, src
+        self.module = nn.Identity()
+        _SPLICES[0] += 1
+        self.name = f"{_SPLICE_PREFIX}{_SPLICES[0]}"
+        gm.add_submodule(self.name, self.module)
+        with gm.graph.inserting_after(src):
+            self.node = gm.graph.call_module(self.name, (src,))
+        if dst is None:
+            src.replace_all_uses_with(self.node, delete_user_cb=lambda u: u is not self.node)
+        else:
+            dst.replace_input_with(src, self.node)
+        gm.recompile()
+
+    def remove(self) -> None:
+        if self.node is None:
+            return
+        self.node.replace_all_uses_with(self.src)
+        self.gm.graph.erase_node(self.node)
+        delattr(self.gm, self.name)
+        self.gm.recompile()
+        self.node = None
 
 
 # --- default layer choices ---------------------------------------------------------------------

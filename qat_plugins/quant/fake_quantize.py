@@ -248,9 +248,13 @@ class LSQFakeQuantize(_GridFakeQuantize):
             base QAT), ``per_tensor_symmetric`` or ``per_channel_symmetric``/``per_channel_affine``.
         ch_axis: channel axis for per-channel grids.
         bits: bit width 2..8, an alternative to ``quant_min``/``quant_max``.
-        init: ``"mse"`` (default; grid search of the clipping range minimising the
-            reconstruction error on the first batch), ``"minmax"`` (``s = (max-min)/(2^b-1)``) or
-            ``"lsq"`` (``s = 2 mean|x| / sqrt(Q_p)``), with ``Q_p = quant_max`` as in LSQ.
+        init: ``"mse"`` (default, project choice: grid search of the clipping range minimising
+            the reconstruction error on the first batch), ``"minmax"`` (FPQ's base QAT:
+            ``s = (max-min)/(2^b-1)``) or ``"lsq"`` (LSQ paper: ``s = 2 mean|x| / sqrt(Q_p)``,
+            ``Q_p = quant_max``).
+        calib_samples: with ``init="minmax"``, keep observing (running min/max, scale refitted)
+            until this many samples (batch rows) have passed, e.g. 100 as in FPQ's base QAT; 0
+            (default, project choice) fixes the scale after the first batch.
         learn_scale: train the scale (``True``) or keep it at its initial value.
 
     The step size receives LSQ's gradient scale ``1 / sqrt(numel_per_scale * Q_p)``. Observing
@@ -268,6 +272,7 @@ class LSQFakeQuantize(_GridFakeQuantize):
         *,
         bits: int | None = None,
         init: str = "mse",
+        calib_samples: int = 0,
         learn_scale: bool = True,
         eps: float = _EPS,
         **kwargs: Any,
@@ -275,17 +280,36 @@ class LSQFakeQuantize(_GridFakeQuantize):
         super().__init__(quant_min, quant_max, dtype, qscheme, ch_axis, bits=bits, eps=eps, **kwargs)
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 0:
+            raise ValueError(f"calib_samples must be an int >= 0, got {calib_samples!r}")
+        if calib_samples and init != "minmax":
+            raise ValueError("calib_samples applies to init='minmax' only")
         self.init = init
+        self.calib_samples = calib_samples
+        self._seen = 0
+        self._lo: torch.Tensor | None = None
+        self._hi: torch.Tensor | None = None
         self.scale = nn.Parameter(torch.ones(1), requires_grad=learn_scale)
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
         if self.is_per_channel:
             self._resize_to(x.shape[self.ch_axis])
-        s, z = self._init_qparams(x, self.init)
+        if self.calib_samples:  # min/max over the first calib_samples rows, across batches
+            lo, hi = self._minmax(x)
+            self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
+            self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
+            self._seen += int(x.shape[0]) if x.dim() else 1
+            s, z = self._qparams_from_range(self._lo, self._hi)
+            done = self._seen >= self.calib_samples
+        else:
+            s, z = self._init_qparams(x, self.init)
+            done = True
         self.scale.data.copy_(s.reshape(self.scale.shape))
         self.zero_point.copy_(z.reshape(self.zero_point.shape))
-        self.initialized.fill_(1)
+        if done:
+            self.initialized.fill_(1)
+            self._lo = self._hi = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled[0] == 1 and self.initialized[0] == 0:

@@ -19,28 +19,20 @@ Data flows model -> taps (:mod:`qat_plugins.taps`) -> regularizer loss -> traine
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..taps import FeatureTap, find_site, first_tensor, unwrap
+from ..taps import FeatureTap, exclusive, find_site, first_tensor, unwrap
+from .options import check_number
 
 __all__ = ["Regularizer", "StepContext", "RegularizerSet", "attach", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names the term."""
-
-
-def _check_weight(weight: Any) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise TypeError(f"weight must be a number >= 0, got {weight!r}")
-    if not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight must be a finite number >= 0, got {weight}")
-    return float(weight)
 
 
 class StepContext:
@@ -85,7 +77,7 @@ class Regularizer(ABC):
     needs_fp_model: ClassVar[bool] = False
 
     def __init__(self, weight: float = 1.0) -> None:
-        self.weight = _check_weight(weight)
+        self.weight = check_number("weight", weight, low=0.0)
         self.model: nn.Module | None = None
         self.fp_model: nn.Module | None = None
         self.fp_taps: list[FeatureTap] = []
@@ -185,7 +177,10 @@ class Regularizer(ABC):
         if not self.active():
             return out.new_zeros(())
         ctx = context if context is not None else StepContext(inputs, self.fp_model, self.fp_taps)
-        term = self._loss(inputs, targets, out, ctx)
+        # no tap of the student acts while a loss is computed: extra forwards open their own
+        # exclusive() window, so the training forward's features stay as recorded (isolation)
+        with exclusive(self.model):
+            term = self._loss(inputs, targets, out, ctx)
         self.steps += 1
         self.last_loss = term.detach()
         for t in self._taps:
@@ -223,15 +218,25 @@ class RegularizerSet:
     """Several regularizers attached to one model; ``loss`` sums their weighted terms.
 
     The clean FP forward is shared (run once per step for all of them). A non-finite term raises
-    :class:`NonFiniteLossError` naming the regularizer. Use as a context manager to detach on exit.
+    :class:`NonFiniteLossError` naming the regularizer; the check costs one host sync per step for all
+    terms together (``check_finite=False`` skips it). :attr:`last_losses` converts the latest terms to
+    floats when read (one more sync). Use as a context manager to detach on exit.
     """
 
     def __init__(self, regularizers: Sequence[Regularizer], model: nn.Module, fp_model: nn.Module | None) -> None:
         self.regularizers = list(regularizers)
         self.model = model
         self.fp_model = fp_model
-        self.last_losses: dict[str, float] = {}
+        self._last_terms: dict[str, torch.Tensor] = {}
         self.check_finite = True
+
+    @property
+    def last_losses(self) -> dict[str, float]:
+        """``{name: weighted term}`` of the latest step (names repeated get their index appended)."""
+        if not self._last_terms:
+            return {}
+        values = torch.stack([t.float() for t in self._last_terms.values()]).tolist()  # one sync
+        return dict(zip(self._last_terms, values))
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.regularizers)
@@ -259,16 +264,22 @@ class RegularizerSet:
         fp_taps = [t for r in self.regularizers for t in r.fp_taps]
         fp = self.regularizers[0].fp_model
         ctx = StepContext(inputs, fp, fp_taps)
-        self.last_losses = {}
+        self._last_terms = {}
+        terms = []
         for i, r in enumerate(self.regularizers):
             term = r.loss(inputs, targets, outputs, context=ctx)
-            if self.check_finite and not torch.isfinite(term.detach()).all():
-                raise NonFiniteLossError(
-                    f"regularizer {r.name!r} (#{i}) produced a non-finite loss ({term.item()}); lower its weight "
-                    "or the learning rate, or check the inputs")
-            key = r.name if r.name not in self.last_losses else f"{r.name}{i}"
-            self.last_losses[key] = float(term.detach())
+            terms.append(term)
+            key = r.name if r.name not in self._last_terms else f"{r.name}{i}"
+            self._last_terms[key] = term.detach()
             total = total + term
+        if self.check_finite:
+            finite = torch.isfinite(torch.stack([t.detach().float() for t in terms]))
+            if not bool(finite.all()):  # the one host sync of this call
+                i = int((~finite).nonzero()[0])
+                r = self.regularizers[i]
+                raise NonFiniteLossError(
+                    f"regularizer {r.name!r} (#{i}) produced a non-finite loss ({float(terms[i])}); lower its weight "
+                    "or the learning rate, or check the inputs")
         return total
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,10 +8,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..quant.prepare import _fusion_groups
-from ..taps import FeatureTap, TapSite, find_site, first_tensor, unwrap
+from torch import nn
+
+from ..quant.prepare import fusion_groups
+from ..taps import FeatureTap, exclusive, find_site, first_tensor, unwrap
 from ._losses import kd_kl
 from .base import Regularizer, StepContext
+from .options import OptionError, check_bool, check_choice, check_int, check_names, check_number
 
 __all__ = ["BlockReplacementRegularizer"]
 
@@ -33,9 +36,15 @@ class BlockReplacementRegularizer(Regularizer):
     ``S`` one block sampled uniformly per step (``sample="one"``, default: one extra FP forward and
     backward) or all blocks (``sample="all"``). ``distill_backbone=False`` drops ``KD(Q || F)``.
 
-    Defaults (open in the paper): weight=1.0, sample="one", temperature=1.0, ce_weight=1.0,
-    kd_weight=1.0, distill_backbone=True, seed=None (sample with torch's global generator; an int gives
-    the regularizer its own generator); FP BatchNorm stays in eval mode.
+    Cost: a mixed forward does not rerun the FP prefix. The step's one clean FP forward caches the
+    outputs of the FP modules that run before the replaced block (the earlier children of each of its
+    ancestors, e.g. ``conv1, bn1, relu, layer1`` for ``layer2``; ``layer2.0`` too for ``layer2.1``),
+    and the mixed forward returns those cached outputs instead of computing them, so only the FP
+    suffix runs (modules called more than once per forward are recomputed). See docs/regularizers.md.
+
+    Defaults (all project choices; open in the paper): weight=1.0, sample="one", temperature=1.0,
+    ce_weight=1.0, kd_weight=1.0, distill_backbone=True, seed=None (sample with torch's global
+    generator; an int gives the regularizer its own generator); FP BatchNorm stays in eval mode.
     """
 
     name = "br"
@@ -45,36 +54,38 @@ class BlockReplacementRegularizer(Regularizer):
                  temperature: float = 1.0, ce_weight: float = 1.0, kd_weight: float = 1.0,
                  distill_backbone: bool = True, seed: int | None = None) -> None:
         super().__init__(weight)
-        if isinstance(blocks, str) or not blocks or not all(isinstance(b, str) for b in blocks):
-            raise ValueError(f"blocks must be a non-empty list of block names, e.g. ['layer1', 'layer2'], got {blocks!r}")
-        if sample not in _SAMPLES:
-            raise ValueError(f"sample must be one of {_SAMPLES}, got {sample!r}")
-        if temperature <= 0 or ce_weight < 0 or kd_weight < 0:
-            raise ValueError("temperature must be > 0, ce_weight and kd_weight >= 0")
-        self.blocks = list(blocks)
-        self.sample, self.temperature = sample, float(temperature)
-        self.ce_weight, self.kd_weight, self.distill_backbone = float(ce_weight), float(kd_weight), bool(distill_backbone)
-        self.seed = seed
+        self.blocks = check_names("blocks", blocks, allow_none=False, non_empty=True) or []
+        self.sample = check_choice("sample", sample, _SAMPLES)
+        self.temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+        self.ce_weight = check_number("ce_weight", ce_weight, low=0.0)
+        self.kd_weight = check_number("kd_weight", kd_weight, low=0.0)
+        self.distill_backbone = check_bool("distill_backbone", distill_backbone)
+        self.seed = None if seed is None else check_int("seed", seed, low=0)
+        if len(set(self.blocks)) != len(self.blocks):
+            raise OptionError("blocks", f"lists a block twice: {self.blocks}")
         # seed=None draws from torch's global generator, which the trainer seeds and checkpoints
         self._rng = random.Random(seed) if seed is not None else None
         self._q_tap: FeatureTap | None = None
-        self._replace: FeatureTap | None = None
-        self._feature: torch.Tensor | None = None
-        self._current: str | None = None
+        self._cache: _PrefixCache | None = None
+        self._fp_blocks: dict[str, str] = {}
         self.last_blocks: list[str] = []
+        self.last_skipped: list[str] = []  # FP modules served from the cache in the latest mixed forward
 
     def _attach(self) -> None:
         assert self.model is not None and self.fp_model is not None
         student = unwrap(self.model)
         self._require_in_fp(self.blocks, "block")
         self._q_tap = self.tap(student, self.blocks)
-        sites = []
+        fp_modules = dict(self.fp_model.named_modules())
+        self._fp_blocks = {}
         for b in self.blocks:
-            site = find_site(self.fp_model, self._fp_block(student, b))
-            sites.append(TapSite(b, site.module, site.occurrence, site.side))
-        self._replace = FeatureTap(self.fp_model, (), record=False, transform=self._swap, always=True, sites=sites)
-        self._replace.enabled = False
-        self._taps.append(self._replace)  # removed on detach; enabled only inside _mixed_forward
+            name = self._fp_block(student, b)
+            if name not in fp_modules:  # e.g. an FX graph as FP model: no module of that name
+                raise ValueError(f"block {b!r}: the FP model has no module {name!r}; pass the float model the QAT "
+                                 "model was prepared from")
+            self._fp_blocks[b] = name
+        self._cache = _PrefixCache(self.fp_model, list(self._fp_blocks.values()))
+        self.fp_taps.append(self._cache)  # type: ignore[arg-type]  # enabled in the shared clean FP forward
 
     def _fp_block(self, student: torch.nn.Module, block: str) -> str:
         """The FP-model name whose output matches the QAT model's ``block`` output.
@@ -88,26 +99,30 @@ class BlockReplacementRegularizer(Regularizer):
         fp_module = dict(self.fp_model.named_modules()).get(block)
         if not fused or fp_module is None or hasattr(fp_module, "bn"):
             return block
-        return next((g[-1] for g in _fusion_groups(self.fp_model) if g[0] == block), block)
-
-    def _swap(self, name: str, fp_feature: torch.Tensor) -> torch.Tensor:
-        if name != self._current:
-            return fp_feature
-        assert self._feature is not None
-        if self._feature.shape != fp_feature.shape:
-            raise ValueError(f"block {name!r}: the quantized output {tuple(self._feature.shape)} does not match the FP "
-                             f"output {tuple(fp_feature.shape)}; the FP model must be the same architecture")
-        return self._feature
+        return next((g[-1] for g in fusion_groups(self.fp_model) if g[0] == block), block)
 
     def _mixed_forward(self, inputs: Any, block: str, feature: torch.Tensor) -> torch.Tensor:
-        assert self._replace is not None and self.fp_model is not None
-        self._current, self._feature = block, feature
-        self._replace.enabled = True
+        """FP model with ``block``'s output replaced by ``feature``; the FP prefix served from the cache."""
+        assert self._cache is not None and self.fp_model is not None
+        fp_name = self._fp_blocks[block]
+        clean = self._cache.outputs.get(fp_name)
+        if isinstance(clean, torch.Tensor) and clean.shape != feature.shape:
+            raise ValueError(f"block {block!r}: the quantized output {tuple(feature.shape)} does not match the FP "
+                             f"output {tuple(clean.shape)}; the FP model must be the same architecture")
+        served = self._cache.prefix(fp_name)
+        served.append((fp_name, feature))
+        self.last_skipped = [n for n, _ in served[:-1]]
+        patched = []
         try:
-            return first_tensor(self.fp_model(inputs))
+            for name, value in served:
+                mod = self._cache.modules[name]
+                mod.forward = _returning(value)  # instance attribute: shadows the class's forward
+                patched.append(mod)
+            with exclusive(self.fp_model):
+                return first_tensor(self.fp_model(inputs))
         finally:
-            self._replace.enabled = False
-            self._current = self._feature = None
+            for mod in patched:
+                del mod.forward
 
     def _loss(self, inputs: Any, targets: torch.Tensor | None, outputs: torch.Tensor,
               ctx: StepContext) -> torch.Tensor:
@@ -121,6 +136,9 @@ class BlockReplacementRegularizer(Regularizer):
         if fp_logits.shape != outputs.shape:
             raise ValueError(f"FP model logits {tuple(fp_logits.shape)} differ from the QAT model's "
                              f"{tuple(outputs.shape)}; the FP model must be the same architecture")
+        assert self._cache is not None
+        if not self._cache.outputs:
+            raise RuntimeError("the clean FP forward recorded nothing; is the FP model the one passed to attach()?")
         chosen = self.blocks if self.sample == "all" else [self._pick()]
         self.last_blocks = chosen
         loss = kd_kl(outputs, fp_logits, self.temperature) if self.distill_backbone else outputs.new_zeros(())
@@ -131,6 +149,7 @@ class BlockReplacementRegularizer(Regularizer):
                 branch = branch + self.ce_weight * F.cross_entropy(mixed, targets)
             if self.kd_weight:
                 branch = branch + self.kd_weight * kd_kl(mixed, fp_logits, self.temperature)
+        self._cache.clear()
         return loss + branch / len(chosen)
 
     def _pick(self) -> str:
@@ -154,3 +173,91 @@ class BlockReplacementRegularizer(Regularizer):
         return {**super().config(), "blocks": self.blocks, "sample": self.sample, "temperature": self.temperature,
                 "ce_weight": self.ce_weight, "kd_weight": self.kd_weight, "distill_backbone": self.distill_backbone,
                 "seed": self.seed}
+
+
+def _returning(value: Any) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return value
+    return forward
+
+
+class _PrefixCache:
+    """Outputs of the FP modules that may precede a replaced block, recorded in the clean FP forward.
+
+    Candidates are the children of every ancestor of each block (the modules an ancestor's forward
+    may call before it reaches the block). Enabled only during the shared clean FP forward (like an
+    FP tap); its hooks are removed by :meth:`remove`.
+    """
+
+    def __init__(self, fp_model: nn.Module, blocks: list[str]) -> None:
+        self.fp_model = fp_model
+        self.modules = dict(fp_model.named_modules())
+        self._enabled = False
+        self.outputs: dict[str, Any] = {}
+        self._end: dict[str, int] = {}
+        self._start: dict[str, int] = {}
+        self._calls: dict[str, int] = {}
+        self._tick = 0
+        self._candidates: dict[str, list[str]] = {}
+        watched: set[str] = set(blocks)
+        for b in blocks:
+            parts = b.split(".")
+            ancestors = [".".join(parts[:i]) for i in range(len(parts))]
+            cands = []
+            for a in ancestors:
+                prefix = f"{a}." if a else ""
+                cands += [prefix + c for c, _ in self.modules[a].named_children()]
+            self._candidates[b] = [c for c in cands if c != b and c not in ancestors]
+            watched.update(self._candidates[b])
+        self._handles = []
+        for name in watched:
+            mod = self.modules[name]
+            self._handles.append(mod.register_forward_pre_hook(self._make_pre(name)))
+            self._handles.append(mod.register_forward_hook(self._make_post(name)))
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        if on and not self._enabled:
+            self.clear()  # a new clean forward starts
+        self._enabled = on
+
+    def _make_pre(self, name: str) -> Any:
+        def pre(module: nn.Module, args: Any) -> None:
+            if self._enabled:
+                self._tick += 1
+                self._start.setdefault(name, self._tick)
+                self._calls[name] = self._calls.get(name, 0) + 1
+        return pre
+
+    def _make_post(self, name: str) -> Any:
+        def post(module: nn.Module, args: Any, output: Any) -> None:
+            if self._enabled:
+                self._tick += 1
+                self._end[name] = self._tick
+                self.outputs[name] = output
+        return post
+
+    def prefix(self, block: str) -> list[tuple[str, Any]]:
+        """``(name, clean output)`` of the modules that finished, called once, before ``block`` started."""
+        start = self._start.get(block)
+        if start is None:
+            raise RuntimeError(f"block {block!r} did not run in the clean FP forward")
+        return [(n, self.outputs[n]) for n in self._candidates[block]
+                if self._calls.get(n) == 1 and self._end.get(n, start) < start]
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self._end.clear()
+        self._start.clear()
+        self._calls.clear()
+        self._tick = 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()

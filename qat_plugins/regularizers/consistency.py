@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ..data import default_augment
-from ..taps import FeatureTap, default_feature_layers, first_tensor, strip_hooks, unwrap
+from ..taps import FeatureTap, default_feature_layers, exclusive, first_tensor, strip_hooks, unwrap
 from ._losses import feature_mse, kd_kl, sigmoid_rampup
 from .base import Regularizer, StepContext
+from .options import OptionError, check_choice, check_int, check_names, check_number
 
 __all__ = ["ConsistencyRegularizer"]
 
@@ -32,41 +33,38 @@ class ConsistencyRegularizer(Regularizer):
     ``v1``, so CR costs one extra forward and backward; with ``teacher="ema"`` (version 2) it is an
     exponential moving average of the student run on ``v1`` (one more no-grad forward).
 
-    Defaults (open in the paper; chosen here and measured in the benchmark):
-        layers=None: the logits (``"output"``, KL) and the input of the last linear layer (MSE);
-        weight=1.0; augment: :func:`qat_plugins.data.default_augment` (1-pixel shift + N(0, 0.1^2)
-        noise); teacher="none"; ema_decay=0.99 (updated from the student at the start of each step,
-        i.e. after the previous optimizer step; the EMA normalises with batch statistics like the
-        training student); temperature=1.0; rampup_steps=0 (sigmoid ramp-up ``exp(-5(1-t/L)^2)`` of
-        the weight over the first L steps); feature_weight=1.0. Weak view as target and strong view as
-        learner follows the usual consistency recipe; the reverse pulls clean predictions toward
-        worse ones and measured worse (see BENCHMARKS.md).
+    The weight ramps up as ``w(t) = weight * exp(-5 (1 - t/L)^2)`` for ``t < L = rampup_steps``
+    (``t`` counts ``loss()`` calls; 1 afterwards): the sigmoid ramp-up of mean-teacher consistency
+    training; 0 disables it. The strong-view forward records only CR's own features and is not
+    perturbed by other regularizers (e.g. FPQ's SFP), so CR's term is the same alone and combined.
+
+    Defaults: layers=None: the logits (``"output"``, KL) and the input of the last linear layer
+    (MSE) (project choice; version 1 names latent features); weight=1.0 (project choice);
+    augment: :func:`qat_plugins.data.default_augment` (1-pixel shift + N(0, 0.1^2) noise; project
+    choice); teacher="none" (version 1; ``"ema"`` is version 2); ema_decay=0.99 (project choice in
+    the usual 0.99-0.999; updated from the student at the start of each step, the EMA normalising
+    with batch statistics like the training student); temperature=1.0 (project choice);
+    rampup_steps=200 (schedule: paper; its length: project choice); feature_weight=1.0 (project
+    choice). Weak view as target and strong view as learner follows the usual consistency recipe
+    (project choice; the reverse measured worse, see BENCHMARKS.md).
     """
 
     name = "cr"
 
     def __init__(self, layers: Sequence[str] | None = None, weight: float = 1.0,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None, *, teacher: str = "none",
-                 ema_decay: float = 0.99, temperature: float = 1.0, rampup_steps: int = 0,
+                 ema_decay: float = 0.99, temperature: float = 1.0, rampup_steps: int = 200,
                  feature_weight: float = 1.0) -> None:
         super().__init__(weight)
-        if teacher not in _TEACHERS:
-            raise ValueError(f"teacher must be one of {_TEACHERS}, got {teacher!r}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if rampup_steps < 0:
-            raise ValueError(f"rampup_steps must be >= 0, got {rampup_steps}")
-        if feature_weight < 0:
-            raise ValueError(f"feature_weight must be >= 0, got {feature_weight}")
+        self.teacher = check_choice("teacher", teacher, _TEACHERS)
+        self.ema_decay = check_number("ema_decay", ema_decay, low=0.0, high=1.0, high_open=True)
+        self.temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+        self.rampup_steps = check_int("rampup_steps", rampup_steps, low=0)
+        self.feature_weight = check_number("feature_weight", feature_weight, low=0.0)
         if augment is not None and not callable(augment):
-            raise TypeError("augment must be a callable on batched tensors")
-        self.layers = list(layers) if layers is not None else None
+            raise OptionError("augment", "must be a callable on batched tensors")
+        self.layers = check_names("layers", layers)
         self.augment = augment if augment is not None else default_augment()
-        self.teacher = teacher
-        self.ema_decay, self.temperature = float(ema_decay), float(temperature)
-        self.rampup_steps, self.feature_weight = int(rampup_steps), float(feature_weight)
         self.ema: nn.Module | None = None
         self._student_tap: FeatureTap | None = None
         self._teacher_tap: FeatureTap | None = None
@@ -129,12 +127,17 @@ class ConsistencyRegularizer(Regularizer):
         else:
             target_out = outputs
         self._student_tap.clear()
-        strong_out = first_tensor(unwrap(self.model)(self.augment(inputs)))
+        with exclusive(self.model, [self._student_tap]):  # only CR's own tap sees the strong view
+            strong_out = first_tensor(unwrap(self.model)(self.augment(inputs)))
         strong_feats = dict(self._student_tap.features)
         loss = kd_kl(strong_out, target_out, self.temperature)
         for name in self._features:
             loss = loss + self.feature_weight * feature_mse(strong_feats[name].flatten(1), weak_feats[name].flatten(1))
-        return sigmoid_rampup(self.steps, self.rampup_steps) * loss
+        return self.rampup() * loss
+
+    def rampup(self) -> float:
+        """The current ramp-up factor ``exp(-5 (1 - t/L)^2)`` (1 after ``rampup_steps`` steps)."""
+        return sigmoid_rampup(self.steps, self.rampup_steps)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

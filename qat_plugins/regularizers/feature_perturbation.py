@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from ..quant.step_size import activation_quantizers, step_size
-from ..taps import FeatureTap, TapSite, conv_layers, find_site, preact_site, unwrap
+from ..quant.step_size import input_quantizer, step_size
+from ..taps import FeatureTap, GraphSplice, TapSite, conv_layers, find_site, graph_convs, preact_site, unwrap
 from ._losses import csd_distance
 from .base import Regularizer, StepContext
+from .options import check_bool, check_choice, check_names, check_number
 
 __all__ = ["FeaturePerturbationRegularizer"]
 
@@ -18,23 +20,31 @@ __all__ = ["FeaturePerturbationRegularizer"]
 class FeaturePerturbationRegularizer(Regularizer):
     """Stochastic feature perturbation (SFP) plus channel-wise standardization distillation (CSD).
 
-    SFP: in training forwards, each listed conv layer's *input* gets, with probability ``p`` (an
+    SFP: in the training forward, each listed conv layer's *input* gets, with probability ``p`` (an
     independent coin per layer per forward), element-wise noise ``delta ~ U[-s/2, s/2]``, where ``s`` is
-    the step size of the activation fake quantizer that produced that input (noise added after the
-    quantizer). Where no quantizer feeds the input, ``s = fallback_ratio * std(input)``.
+    the step size of the activation fake quantizer that produced that input, found from the model's
+    structure (:func:`qat_plugins.quant.step_size.input_quantizer`). Only where no quantizer produces
+    the input (a warning names those convs at attach) ``s = fallback_ratio * std(input)``. Extra
+    forwards of other regularizers (CR's strong view, ...) are not perturbed.
 
     CSD (when ``fp_model`` is given and ``distill=True``)::
 
-        L_CSD = mean_l  D( std_c(z_Q^l), std_c(z_FP^l) ),   std_c(z) = (z - mu_c) / sqrt(var_c + eps)
+        L_CSD = mean_l mean_{c,n,h,w} (std_c(z_Q^l) - std_c(z_FP^l))^2,  std_c(z) = (z - mu_c) / sqrt(var_c + eps)
 
-    with ``z^l`` the conv output *before* BatchNorm in the quantized student (perturbed forward) and
-    the frozen FP model (clean input); mean/variance per channel over batch and spatial axes; ``D`` the
-    mean squared difference (``reduction="mean"``) or the per-channel mean summed over channels
-    (``reduction="sum"``). The paper adds ``L_CSD`` to the task loss with weight 1.
+    with ``z^l`` the conv output *before* BatchNorm in the quantized student (perturbed training
+    forward) and the frozen FP model (clean input); mean/variance per channel over batch and spatial
+    axes. ``reduction="sum"`` is the paper's sum over layers and channels (of the per-channel mean
+    over batch and positions). The paper adds ``L_CSD`` to the task loss with weight 1.
 
-    Defaults: layers=None (every conv layer), weight=1.0, p=0.1 (the paper's best), eps=1e-5,
-    reduction="mean", fallback_ratio=0.1, distill=True. Open choices of the paper made here: noise after
-    the activation quantizer, a coin per layer per forward, the axes/eps/reduction of CSD.
+    Defaults: layers=None (every conv layer; paper), weight=1.0 (paper), p=0.1 (paper's best),
+    distill=True (paper), reduction="mean" (project choice, measured: the paper's sum is ~C*L times
+    larger and at weight 1 wrecked 20-step W4A4 runs on digits, 0.15-0.33 vs 0.98 test accuracy; see
+    BENCHMARKS.md "CSD reduction"), eps=1e-5 (project choice),
+    fallback_ratio=0.1 (project choice, used only without a quantizer). Open choices made here
+    (project choice): noise after the activation quantizer, a coin per layer per forward.
+
+    On PT2E graphs (convs are aten ops) an identity module is spliced into the graph edge into each
+    conv (SFP) and into its batch norm (CSD's pre-BN feature) while attached; detach restores the graph.
     """
 
     name = "fpq"
@@ -43,76 +53,86 @@ class FeaturePerturbationRegularizer(Regularizer):
                  distill: bool = True, eps: float = 1e-5, reduction: str = "mean",
                  fallback_ratio: float = 0.1) -> None:
         super().__init__(weight)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p must be a probability in [0, 1], got {p}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if eps <= 0 or fallback_ratio < 0:
-            raise ValueError("eps must be > 0 and fallback_ratio >= 0")
-        self.layers = list(layers) if layers is not None else None
-        self.p, self.distill, self.eps = float(p), bool(distill), float(eps)
-        self.reduction, self.fallback_ratio = reduction, float(fallback_ratio)
-        self._scales: dict[tuple[int, int], torch.Tensor] = {}
+        self.layers = check_names("layers", layers)
+        self.p = check_number("p", p, low=0.0, high=1.0)
+        self.distill = check_bool("distill", distill)
+        self.eps = check_number("eps", eps, low=0.0, low_open=True)
+        self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
+        self.fallback_ratio = check_number("fallback_ratio", fallback_ratio, low=0.0)
+        self._quantizers: dict[str, nn.Module | None] = {}
         self._student_pre: FeatureTap | None = None
         self._fp_pre: FeatureTap | None = None
         self._names: list[str] = []
-        self.perturbed = 0  # layers perturbed in the latest training forward (for tests and logs)
+        self._splices: list[GraphSplice] = []
+        self.fallback_layers: list[str] = []
+        self.perturbed = 0  # layers perturbed since the last loss() (for tests and logs)
+        self.last_perturbed = 0  # layers perturbed in the training forward before the latest loss()
 
     # -- SFP ------------------------------------------------------------------------------
     def _perturb(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if self.p <= 0 or float(torch.rand(())) >= self.p:
+        if self.p <= 0 or (self.p < 1 and float(torch.rand(())) >= self.p):
             return x
-        s = self._scales.get((x.data_ptr(), x.numel()))
+        q = self._quantizers.get(name)
+        s = step_size(q) if q is not None else None
         if s is None:
             s = self.fallback_ratio * x.detach().std()
+        elif s.numel() > 1:  # a per-channel activation grid
+            shape = [1] * x.dim()
+            shape[1] = -1
+            s = s.reshape(shape)
+        else:
+            s = s.reshape(())
         self.perturbed += 1
-        noise = (torch.rand_like(x) - 0.5) * s.detach()
-        return x + noise
+        return x + (torch.rand_like(x) - 0.5) * s.detach().to(x.dtype)
 
     def _attach(self) -> None:
         assert self.model is not None
         student = unwrap(self.model)
-        self._names = self.layers if self.layers is not None else conv_layers(student)
+        convs = graph_convs(student) if isinstance(student, torch.fx.GraphModule) and not conv_layers(student) else {}
+        self._names = self.layers if self.layers is not None else (list(convs) or conv_layers(student))
         if not self._names:
-            if isinstance(student, torch.fx.GraphModule):
-                raise ValueError("FeaturePerturbationRegularizer needs conv layers as modules; this graph (PT2E) has "
-                                 "them as aten ops. Prepare the model with mode='eager' or 'fx' (or NNCF) for FPQ")
             raise ValueError("FeaturePerturbationRegularizer found no conv layers; pass layers=[...]")
         for n in self._names:
-            find_site(student, n)  # validates names (ValueError with close matches)
-        quantizers = activation_quantizers(student)
-        # 0. forget the addresses of the previous forward at the start of each forward, before any
-        #    other pre-hook (eager prepare_qat quantizes the model input in a pre-hook of the model)
-        self.tap(student, sites=[TapSite("input", student, -1, "input")], record=False, transform=self._forget,
-                 prepend=True)
-        # 1. remember each activation quantizer's step size by the address of its output
-        for qname, qmod in quantizers:
-            self.tap(student, sites=[_site(qname, qmod)], record=False, transform=self._make_recorder(qmod))
-        # 2. perturb conv inputs
-        self.tap(student, sites=[find_site(student, n, side="input") for n in self._names], record=False,
-                 transform=self._perturb)
-        # 3. CSD: pre-BN conv outputs of student and FP model
+            if convs and n not in convs:
+                raise ValueError(f"layer {n!r} is not a conv of this graph; convs: {list(convs)}")
+            if not convs:
+                find_site(student, n)  # validates names (ValueError with close matches)
+        self._quantizers = {n: input_quantizer(student, n) for n in self._names}
+        self.fallback_layers = [n for n, q in self._quantizers.items() if q is None]
+        if self.fallback_layers:
+            warnings.warn(f"FPQ: no activation quantizer produces the input of {self.fallback_layers}; SFP noise there "
+                          f"is scaled by {self.fallback_ratio} * std(input) instead of the quantization step",
+                          stacklevel=4)
+        if convs:  # PT2E: splice identities into the graph edges the taps need
+            in_sites, pre_sites = [], []
+            for n in self._names:
+                node = convs[n]
+                self._splices.append(GraphSplice(student, node.args[0], node))
+                in_sites.append(TapSite(n, self._splices[-1].module, 0, "output"))
+                src, dst = _pre_bn_edge(node)
+                self._splices.append(GraphSplice(student, src, dst))
+                pre_sites.append(TapSite(n, self._splices[-1].module, 0, "output"))
+        else:
+            in_sites = [find_site(student, n, side="input") for n in self._names]
+            pre_sites = [preact_site(student, n) for n in self._names]
+        # perturb conv inputs (in the training forward only: loss() and extra forwards run exclusive)
+        self.tap(student, sites=in_sites, record=False, transform=self._perturb)
+        # CSD: pre-BN conv outputs of student and FP model
         if self.distill and self.fp_model is not None:
             self._require_in_fp(self._names, "layer")
-            self._student_pre = self.tap(student, sites=[preact_site(student, n) for n in self._names])
+            self._student_pre = self.tap(student, sites=pre_sites)
             self._fp_pre = self.fp_tap(sites=[preact_site(self.fp_model, n) for n in self._names])
 
-    def _forget(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        self._scales.clear()
-        return x
-
-    def _make_recorder(self, qmod: nn.Module):  # type: ignore[no-untyped-def]
-        def rec(name: str, out: torch.Tensor) -> torch.Tensor:
-            s = step_size(qmod)
-            if s is not None and s.numel() == 1:
-                self._scales[(out.data_ptr(), out.numel())] = s.reshape(())
-            return out
-        return rec
+    def _detach(self) -> None:
+        for splice in reversed(self._splices):
+            splice.remove()
+        self._splices = []
+        self._quantizers = {}
+        self._student_pre = self._fp_pre = None
 
     def _loss(self, inputs: Any, targets: torch.Tensor | None, outputs: torch.Tensor,
               ctx: StepContext) -> torch.Tensor:
-        self._scales.clear()
-        self.perturbed = 0
+        self.last_perturbed, self.perturbed = self.perturbed, 0
         if self._student_pre is None or self._fp_pre is None:
             return outputs.new_zeros(())
         student_feats = dict(self._student_pre.features)
@@ -132,5 +152,20 @@ class FeaturePerturbationRegularizer(Regularizer):
                 "reduction": self.reduction, "fallback_ratio": self.fallback_ratio}
 
 
-def _site(name: str, module: nn.Module) -> TapSite:
-    return TapSite(name, module, -1, "output")
+_BN_OPS = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
+           torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.native_batch_norm.default}
+_SCALE_OPS = {torch.ops.aten.div.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor}
+
+
+def _pre_bn_edge(conv: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
+    """The graph edge carrying a conv's pre-BN output: into the batch norm after the QAT conv-bn
+    rewrite's rescaling (``conv(x, w * k) / k (+ b)``), or the conv output itself without one."""
+    cur = conv
+    while len(cur.users) == 1:
+        user = next(iter(cur.users))
+        if user.op == "call_function" and user.target in _BN_OPS:
+            return cur, user
+        if user.op != "call_function" or user.target not in _SCALE_OPS:
+            break
+        cur = user
+    return conv, None

@@ -9,6 +9,8 @@ from .base import Regularizer
 from .block_replacement import BlockReplacementRegularizer
 from .consistency import ConsistencyRegularizer
 from .feature_perturbation import FeaturePerturbationRegularizer
+from .kd import KnowledgeDistillationRegularizer
+from .options import OptionError
 
 __all__ = ["REGISTRY", "build_regularizer", "build_regularizers", "register"]
 
@@ -16,6 +18,7 @@ REGISTRY: dict[str, type[Regularizer]] = {
     "cr": ConsistencyRegularizer,
     "fpq": FeaturePerturbationRegularizer,
     "br": BlockReplacementRegularizer,
+    "kd": KnowledgeDistillationRegularizer,
 }
 _NOT_FROM_CONFIG = {"augment"}
 
@@ -45,15 +48,10 @@ def build_regularizer(spec: Mapping[str, Any], *, where: str = "regularizers[0]"
         if params[p].default is inspect.Parameter.empty and p not in kwargs:
             hint = " (a list of module names, e.g. [layer1, layer2])" if p in ("blocks", "layers") else ""
             raise ValueError(f"{where}.{p}: required for {name!r}{hint}")
-    w = kwargs.get("weight", 1.0)
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-        raise ValueError(f"{where}.weight: must be a number >= 0, got {w!r}")
-    for key in ("layers", "blocks"):
-        v = kwargs.get(key)
-        if v is not None and (isinstance(v, str) or not isinstance(v, Sequence) or not all(isinstance(x, str) for x in v)):
-            raise ValueError(f"{where}.{key}: must be a list of module names, got {v!r}")
     try:
         return cls(**kwargs)
+    except OptionError as e:  # every option is checked by the constructor; report its field path
+        raise ValueError(f"{where}.{e.option}: {e.message}") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
 

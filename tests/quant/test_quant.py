@@ -255,7 +255,9 @@ def test_fake_quant_and_observer_toggles():
     x = torch.randn(20)
     out = fq(x)  # not initialised, but observer disabled: quantizes with the default scale 1
     assert int(fq.initialized) == 0 and float(fq.scale.detach()) == 1.0
-    assert torch.equal(out, fake_quantize(x, fq.scale.detach(), fq.zero_point, 0, 3))
+    # torch's reference op on the 2-bit unsigned grid [0, 3], scale 1: identical rounding (half to even)
+    ref = torch.fake_quantize_per_tensor_affine(x, 1.0, int(fq.zero_point), 0, 3)
+    assert torch.equal(out, ref)
     fq.disable_fake_quant()
     assert torch.equal(fq(x), x)
 
@@ -588,7 +590,38 @@ def test_prepare_qat_errors(batch):
     with pytest.raises(TypeError, match="torch.nn.Module"):
         qp.prepare_qat(lambda t: t)
     # the untraceable model still prepares in eager mode
-    q = qp.prepare_qat(_DataDependent(), mode="eager", weight_bits=4, act_bits=4)
-    assert q(x).shape == (64, 10)
+    fp = _DataDependent().eval()
+    q = qp.prepare_qat(fp, mode="eager", weight_bits=4, act_bits=4)
+    assert isinstance(q.conv.weight_fake_quant, LSQFakeQuantize) and isinstance(q.fc.weight_fake_quant, LSQFakeQuantize)
+    q.eval()
+    with torch.no_grad():
+        quantized = q(x)
+        q.apply(torch.ao.quantization.disable_fake_quant)
+        # fake quantization off, the prepared copy computes exactly the float model it came from
+        assert torch.equal(q(x), fp(x))
+    assert not torch.equal(quantized, fp(x))  # and with it on, it does quantize
     # a bare tensor works as example_inputs
     assert qp.prepare_qat(SmallCNN(width=4), mode="fx", example_inputs=x)(x).shape == (64, 10)
+
+
+def test_lsq_minmax_init_over_calibration_samples_by_hand():
+    """init="minmax", calib_samples=100 (FPQ's base QAT): the scale is (max - min) / (2^b - 1) over
+    the first 100 rows, across batches, then fixed; "lsq": 2 mean|x| / sqrt(Q_P)."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(40, 3, generator=g) * k for k in (1.0, 3.0, 2.0)]
+    q = LSQFakeQuantize(bits=4, init="minmax", calib_samples=100)
+    q(xs[0])
+    assert int(q.initialized) == 0  # 40 < 100 rows seen: still calibrating
+    q(xs[1])
+    q(xs[2])
+    assert int(q.initialized) == 1
+    lo, hi = 0.0, max(float(x.max()) for x in xs)  # unsigned grid: the range always includes 0
+    assert float(q.scale) == pytest.approx((hi - lo) / 15, rel=1e-6)
+    q(xs[2] * 10)  # calibrated: later batches do not move the scale
+    assert float(q.scale) == pytest.approx((hi - lo) / 15, rel=1e-6)
+    w = LSQFakeQuantize(bits=4, init="lsq", dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    v = torch.randn(64, generator=g)
+    w(v)
+    assert float(w.scale) == pytest.approx(2 * float(v.abs().mean()) / math.sqrt(7), rel=1e-6)  # Q_P = 7
+    with pytest.raises(ValueError, match="calib_samples applies to init='minmax'"):
+        LSQFakeQuantize(bits=4, init="mse", calib_samples=10)

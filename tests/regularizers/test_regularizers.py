@@ -20,7 +20,7 @@ from torch import nn
 import qat_plugins as qp
 from qat_plugins.models import SmallCNN, SmallResNet
 from qat_plugins.quant.step_size import activation_quantizers, weight_quantizers
-from qat_plugins.regularizers import NonFiniteLossError, Regularizer, build_regularizers
+from qat_plugins.regularizers import NonFiniteLossError, Regularizer, StepContext, build_regularizers
 from qat_plugins.regularizers._losses import channel_standardize, csd_distance, feature_mse, kd_kl, sigmoid_rampup
 from qat_plugins.taps import FeatureTap
 
@@ -151,13 +151,21 @@ def test_csd_distance_mean_and_sum_by_hand():
     torch.manual_seed(0)
     a = torch.randn(4, 3, 2, 2, requires_grad=True)
     b = torch.randn(4, 3, 2, 2, requires_grad=True)
-    za, zb = channel_standardize(a.detach()), channel_standardize(b.detach())
-    d = (za - zb) ** 2
+    # standardized by hand: per channel over (batch, h, w), biased variance, eps 1e-5
+    def std_by_hand(t):
+        out = torch.empty_like(t)
+        for c in range(t.shape[1]):
+            v = t[:, c]
+            out[:, c] = (v - v.mean()) / math.sqrt(float(((v - v.mean()) ** 2).mean()) + 1e-5)
+        return out
+
+    d = (std_by_hand(a.detach()) - std_by_hand(b.detach())) ** 2
     mean = d.mean()
     per_channel = [d[:, c].mean() for c in range(3)]
-    torch.testing.assert_close(csd_distance(a, b), mean)
-    torch.testing.assert_close(csd_distance(a, b, reduction="sum"), sum(per_channel))
-    torch.testing.assert_close(csd_distance(a, b, reduction="sum"), 3 * mean)  # equal-size channels
+    # F.batch_norm vs the explicit loop: float32 rounding only
+    torch.testing.assert_close(csd_distance(a, b), mean, rtol=1e-5, atol=1e-6)  # default: mean
+    torch.testing.assert_close(csd_distance(a, b, reduction="sum"), sum(per_channel), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(csd_distance(a, b, reduction="sum"), 3 * mean, rtol=1e-5, atol=1e-6)
     csd_distance(a, b).backward()
     assert b.grad is None and a.grad is not None and a.grad.abs().sum() > 0
     # invariant to per-channel affine changes of either feature
@@ -209,17 +217,22 @@ def test_cr_teacher_none_loss_by_hand(qats, batch, temp):
         views.append(t.flip(-1) + 0.1)
         return views[-1]
 
-    reg = qp.ConsistencyRegularizer(teacher="none", temperature=temp, feature_weight=0.5, augment=augment).attach(q)
+    reg = qp.ConsistencyRegularizer(teacher="none", temperature=temp, feature_weight=0.5, augment=augment,
+                                    rampup_steps=0).attach(q)
     loss = reg.loss(x, y, q(x))
     assert len(views) == 1 and not reg.ema
     # by hand on an identical copy (same forward order, so the same BN batch statistics)
-    tap = FeatureTap(ref, ["fc:input"])
+    # (our own hook and KL, not the package's FeatureTap / kd_kl)
+    fc_in = []
+    h = ref.fc.register_forward_pre_hook(lambda m, a: fc_in.append(a[0]))
     weak = ref(x)
-    weak_f = tap.features["fc:input"]
     strong = ref(views[0])
-    strong_f = tap.features["fc:input"]
-    tap.remove()
-    expected = kd_kl(strong, weak.detach(), temp) + 0.5 * ((strong_f - weak_f.detach()) ** 2).mean()
+    h.remove()
+    weak_f, strong_f = fc_in
+    p_t = F.softmax(weak.detach() / temp, dim=1)
+    kl = (p_t * (torch.log(p_t) - F.log_softmax(strong / temp, dim=1))).sum(1).mean() * temp * temp
+    expected = kl + 0.5 * ((strong_f - weak_f.detach()) ** 2).mean()
+    # same ops on identical copies, only the summation order of the KL differs: float32 rounding
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     kl_rows = _kl_by_hand(weak.tolist(), strong.tolist(), temp) * temp * temp
     assert float(kd_kl(strong, weak, temp)) == pytest.approx(kl_rows, rel=1e-4)
@@ -296,8 +309,17 @@ def test_gradients_reach_qat_weights_and_step_sizes_not_fp(qats, fps, batch, kin
     assert wq and all(m.scale.grad is not None and m.scale.grad.abs().sum() > 0 for _, m in wq), \
         [n for n, m in wq if m.scale.grad is None or m.scale.grad.abs().sum() == 0]
     acts = activation_quantizers(q)
-    with_grad = [n for n, m in acts if m.scale.grad is not None and m.scale.grad.abs().sum() > 0]
-    assert len(with_grad) >= len(acts) // 2, with_grad
+    no_grad = [n for n, m in acts if m.scale.grad is None or m.scale.grad.abs().sum() == 0]
+    if kind == "fpq" and mode == "eager":
+        # CSD's terms are pre-BN conv outputs: only the quantizers after the last conv (its output, the
+        # residual add, the classifier's) are on no path to a term
+        tail = ("layer3.conv2.", "layer3.shortcut.", "layer3.add.", "fc.") if name == "resnet" else ("conv3.", "fc.")
+        assert all(n.startswith(tail) for n in no_grad), no_grad
+    elif kind == "fpq":  # FX names its quantizers by number: the same tail, counted (measured 5 / 3)
+        assert len(no_grad) <= {"resnet": 5, "cnn": 3}[name], no_grad
+    else:  # CR (logits + fc input) and BR (logits) terms lie after every activation quantizer; in the
+        # FX ResNet one quantizer (measured: a single shared one) is not reached by CR
+        assert len(no_grad) <= (1 if (kind, name, mode) == ("cr", "resnet", "fx") else 0), no_grad
 
 
 def test_br_backward_guidance_reaches_only_the_quantized_prefix(qats, fps, batch):
@@ -549,12 +571,12 @@ def history(qats, fps, digits):
             torch.manual_seed(0)
             q = copy.deepcopy(qats[name, mode]).train()
             # BR: all blocks every step, so each step's term has the same composition
-            reg = make(kind, name, **({"sample": "all"} if kind == "br" else {}))
+            reg = make(kind, name, **({"sample": "all"} if kind == "br" else {"rampup_steps": 0} if kind == "cr" else {}))
             xs, ys = digits.train.tensors
             g = torch.Generator().manual_seed(0)
             opt = torch.optim.Adam(q.parameters(), 1e-3)
             terms, ces = [], []
-            with qp.attach(q, [reg], fp_model=fps[name]) as regs:
+            with qp.attach(q, [reg], fp_model=copy.deepcopy(fps[name])) as regs:  # never the shared model
                 for _ in range(40):
                     idx = torch.randint(0, len(xs), (64,), generator=g)
                     xb, yb = xs[idx], ys[idx]
@@ -574,15 +596,18 @@ def history(qats, fps, digits):
 
 @pytest.mark.parametrize("name,mode", RUNS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_short_w2a2_run_is_finite(history, batch, kind, name, mode):
+def test_short_w2a2_run_is_finite(history, fps, digits, kind, name, mode):
     terms, ces, q = history(kind, name, mode)
     assert len(terms) == 40 and all(math.isfinite(v) for v in terms + ces)
     assert all(torch.isfinite(p).all() for p in q.parameters())
-    q.eval()
-    x, y = batch
+    q = copy.deepcopy(q).eval()
+    x, y = digits.test.tensors  # held-out images, eval mode (BN running statistics)
     with torch.no_grad():
-        acc = (q(x).argmax(1) == y).float().mean()
-    assert acc > 0.5  # still a working classifier at W2A2
+        acc = (q(x).argmax(1) == y).float().mean().item()
+        fp_acc = (fps[name](x).argmax(1) == y).float().mean().item()
+    # measured gaps to FP after 40 W2A2 steps: 0.4-7.8 points (6 cases); an eval-mode collapse (BN
+    # statistics lagging the weights) or a broken regularizer gradient shows as 10-55 % accuracy
+    assert acc >= fp_acc - 0.12, (acc, fp_acc)
 
 
 @pytest.mark.parametrize("name,mode", RUNS)
@@ -677,8 +702,15 @@ def test_fpq_csd_matches_hand_computation(qats, fps, batch):
         reg.detach()
         for h in handles:
             h.remove()
-    expected = sum(csd_distance(feats_q[n], feats_fp[n], reduction="sum") for n in layers)
-    torch.testing.assert_close(loss.detach(), expected)
+    def standardized(t):  # by hand: per channel over (N, H, W), biased variance, eps 1e-5
+        mu = t.mean((0, 2, 3), keepdim=True)
+        return (t - mu) / torch.sqrt(((t - mu) ** 2).mean((0, 2, 3), keepdim=True) + 1e-5)
+
+    # reduction="sum": the per-channel means of the squared differences, summed over channels
+    expected = sum(((standardized(feats_q[n]) - standardized(feats_fp[n])) ** 2).mean((0, 2, 3)).sum()
+                   for n in layers)
+    # F.batch_norm inside the package vs explicit ops here: float32 rounding of a sum of ~30 terms
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_fpq_with_a_different_width_fp_model_fails_clearly(qats, batch):
@@ -744,6 +776,7 @@ def test_br_mixed_forward_of_an_8bit_model_matches_the_fp_model(fps, batch, name
         with torch.no_grad():
             fp_logits = fp(x)
             for b in BLOCKS[name]:
+                StepContext(x, fp, reg.fp_taps).fp_forward()  # the clean FP forward fills BR's prefix cache
                 mixed = reg._mixed_forward(x, b, tap.features[b])
                 assert kd_kl(mixed, fp_logits) < 0.2, b
                 assert (mixed.argmax(1) == fp_logits.argmax(1)).float().mean() >= 0.9, b
@@ -770,8 +803,8 @@ def test_br_fp_model_of_a_different_width(qats, batch, name):
     try:
         with pytest.raises(ValueError, match="same architecture"):
             reg.loss(x, y, q(x))
-        # the failed mixed forward left the FP model's replacement hook disabled
-        assert not reg._replace.enabled and reg._current is None
+        # the failed mixed forward left no FP module patched
+        assert not any("forward" in vars(m) for m in other.modules())
         with torch.no_grad():
             assert other(x).shape == (64, 10)
     finally:
@@ -808,21 +841,21 @@ def test_build_regularizers_valid():
 
 
 @pytest.mark.parametrize("specs,match", [
-    ([{"name": "kd"}], r"regularizers\[0\]\.name: unknown regularizer 'kd'; known: \['br', 'cr', 'fpq'\]"),
+    ([{"name": "ko"}], r"regularizers\[0\]\.name: unknown regularizer 'ko'; known: \['br', 'cr', 'fpq', 'kd'\]"),
     ([{"weight": 1.0}], r"unknown regularizer None; known"),
     ([{"name": "cr"}, {"name": "fpq", "prob": 0.5}], r"regularizers\[1\]\.prob: unknown option for 'fpq'; allowed: \["),
     ([{"name": "cr", "augment": "flip"}], r"augment: unknown option"),
     ([{"name": "br"}], r"regularizers\[0\]\.blocks: required for 'br'"),
-    ([{"name": "cr", "weight": -1}], r"regularizers\[0\]\.weight: must be a number >= 0, got -1"),
-    ([{"name": "cr", "weight": True}], r"weight: must be a number >= 0"),
-    ([{"name": "cr", "weight": "1"}], r"weight: must be a number >= 0"),
+    ([{"name": "cr", "weight": -1}], r"regularizers\[0\]\.weight: must be a finite number >= 0, got -1"),
+    ([{"name": "cr", "weight": True}], r"regularizers\[0\]\.weight: must be a finite number >= 0, got True \(bool\)"),
+    ([{"name": "cr", "weight": "1"}], r"regularizers\[0\]\.weight: must be a finite number >= 0, got '1' \(str\)"),
     ([{"name": "cr", "layers": "fc:input"}], r"regularizers\[0\]\.layers: must be a list of module names"),
     ([{"name": "fpq", "layers": ["conv1", 3]}], r"layers: must be a list of module names"),
     ([{"name": "br", "blocks": "layer1"}], r"blocks: must be a list of module names"),
-    ([{"name": "br", "blocks": []}], r"regularizers\[0\]: blocks must be a non-empty list"),
-    ([{"name": "fpq", "p": 1.5}], r"regularizers\[0\]: p must be a probability"),
-    ([{"name": "cr", "teacher": "mean"}], r"regularizers\[0\]: teacher must be one of"),
-    ([{"name": "cr", "ema_decay": 1.0}], r"ema_decay must be in"),
+    ([{"name": "br", "blocks": []}], r"regularizers\[0\]\.blocks: must be a non-empty list"),
+    ([{"name": "fpq", "p": 1.5}], r"regularizers\[0\]\.p: must be a finite number >= 0 and <= 1, got 1.5"),
+    ([{"name": "cr", "teacher": "mean"}], r"regularizers\[0\]\.teacher: must be one of"),
+    ([{"name": "cr", "ema_decay": 1.0}], r"regularizers\[0\]\.ema_decay: must be a finite number >= 0 and < 1"),
     ([["cr"]], r"regularizers\[0\]: must be a mapping"),
     ({"name": "cr"}, r"regularizers: must be a list of regularizer entries"),
     ("cr", r"regularizers: must be a list"),
@@ -837,6 +870,6 @@ def test_constructor_weight_validation():
         qp.FeaturePerturbationRegularizer(weight=-0.1)
     with pytest.raises(ValueError, match="finite number >= 0"):
         qp.ConsistencyRegularizer(weight=float("inf"))
-    with pytest.raises(TypeError, match="weight must be a number"):
+    with pytest.raises(ValueError, match="weight: must be a finite number >= 0, got None"):
         qp.BlockReplacementRegularizer(["layer1"], weight=None)
 

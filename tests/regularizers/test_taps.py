@@ -30,8 +30,26 @@ def x(digits):
     return digits.train.tensors[0][:32]
 
 
+class _Copies(dict):
+    """name -> a deep copy of the module-scoped model, made on first access in a test: tests run
+    train-mode forwards (BN statistics, quantizer state) and attach hooks, so none sees another's."""
+
+    def __init__(self, originals: dict) -> None:
+        super().__init__()
+        self._originals = originals
+
+    def __missing__(self, key):
+        self[key] = copy.deepcopy(self._originals[key])
+        return self[key]
+
+
+@pytest.fixture
+def models(_built_models):
+    return _Copies(_built_models)
+
+
 @pytest.fixture(scope="module")
-def models(x):
+def _built_models(x):
     """name -> model: float, eager-prepared and FX-prepared SmallResNet / SmallCNN (W4A4)."""
     torch.manual_seed(0)
     out = {}
@@ -253,14 +271,17 @@ def test_occurrence_of_a_shared_quantizer_in_fx(models, x):
     assert shared, "expected a quantizer called more than once in the FX graph"
     site = find_site(gm, "layer3")
     tap = FeatureTap(gm, ["layer3"])
+    seen = []
+    h = _capture(site.module, "output", seen)  # every call of the shared quantizer, in one forward
     try:
         gm.train()
         gm(x)
-        seen = []
-        h = _capture(site.module, "output", seen)
-        with torch.no_grad():
-            gm(x)
-        h.remove()
-        assert tap.features["layer3"].shape == seen[site.occurrence].shape == (32, 32, 2, 2)
+        got = tap.features["layer3"]
     finally:
+        h.remove()
         tap.remove()
+    assert len(seen) == calls[id(site.module)] >= 1
+    # the tap holds exactly the requested call's output (layer3's), not another call's
+    assert torch.equal(got, seen[site.occurrence])
+    others = [t for i, t in enumerate(seen) if i != site.occurrence]
+    assert all(t.shape != seen[site.occurrence].shape or not torch.equal(t, seen[site.occurrence]) for t in others)

@@ -1,0 +1,142 @@
+"""Cost of each regularizer per training step, relative to plain LSQ QAT (issue 11's cost floors).
+
+One process, one thread; every method has its own QAT model copy, and the methods are timed
+interleaved (round robin, one step each per round) so machine load hits all alike; the median step
+time of each is divided by LSQ's. A step is forward + CE + regularizer terms + backward + SGD step.
+
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--out FILE]
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import qat_plugins as qp
+from qat_plugins.models import ResNet20, SmallResNet
+
+TARGETS = {"LSQ": 1.0, "CR": 2.05, "FPQ": 1.3, "BR": 1.3, "KD": 1.15, "CR+FPQ+BR": 2.4}
+
+
+def _regs(method: str, blocks: list[str]) -> list[qp.Regularizer]:
+    make = {"CR": lambda: qp.ConsistencyRegularizer(), "FPQ": lambda: qp.FeaturePerturbationRegularizer(),
+            "BR": lambda: qp.BlockReplacementRegularizer(blocks), "KD": lambda: qp.KnowledgeDistillationRegularizer()}
+    return [make[m]() for m in method.split("+") if m in make]
+
+
+def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], mode: str,
+            rounds: int, warmup: int = 3) -> dict[str, float]:
+    fp.eval()
+    base = qp.prepare_qat(fp, weight_bits=4, act_bits=4, mode=mode, example_inputs=(x[:2],))
+    base(x)  # calibrate once; every method starts from the same state
+    runs = {}
+    for method in TARGETS:
+        q = copy.deepcopy(base).train()
+        regs = qp.attach(q, _regs(method, blocks), fp_model=copy.deepcopy(fp))
+        opt = torch.optim.SGD(q.parameters(), lr=1e-3, momentum=0.9)
+        runs[method] = (q, regs, opt, [])
+
+    def step(method: str) -> float:
+        q, regs, opt, _ = runs[method]
+        t0 = time.perf_counter()
+        out = q(x)
+        loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    for r in range(warmup + rounds):
+        for method in TARGETS:
+            dt = step(method)
+            if r >= warmup:
+                runs[method][3].append(dt)
+    med = {m: statistics.median(v[3]) for m, v in runs.items()}
+    for _, regs, _, _ in runs.values():
+        regs.detach()
+    return med
+
+
+def csd_reduction_study(steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2)) -> None:
+    """Test accuracy after ``steps`` W4A4 SGD steps (README loop) with FPQ's CSD ``sum`` vs ``mean``."""
+    from qat_plugins.data import default_augment, load_digits_split
+
+    data = load_digits_split()
+    x_all, y_all = data.train.tensors
+    x_test, y_test = data.test.tensors
+    torch.manual_seed(0)
+    fp0 = SmallResNet(width=8)  # trained as tests/conftest.py's fp_resnet: 200 Adam steps, augmented
+    aug, opt = default_augment(), torch.optim.Adam(fp0.parameters(), 1e-2)
+    for _ in range(200):
+        idx = torch.randint(0, len(x_all), (64,))
+        loss = F.cross_entropy(fp0(aug(x_all[idx])), y_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fp0.eval()
+    rows = {"LSQ only": lambda: [], "FPQ reduction=sum (paper)": lambda: [qp.FeaturePerturbationRegularizer(reduction="sum")],
+            "FPQ reduction=mean": lambda: [qp.FeaturePerturbationRegularizer(reduction="mean")]}
+    for name, make in rows.items():
+        accs = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            fp = copy.deepcopy(fp0)
+            q = qp.prepare_qat(fp, weight_bits=4, act_bits=4)
+            sgd = torch.optim.SGD(q.parameters(), lr=0.01, momentum=0.9)
+            with qp.attach(q, make(), fp_model=fp) as regs:
+                for i in range(0, 64 * steps, 64):
+                    x, y = x_all[i:i + 64], y_all[i:i + 64]
+                    out = q(x)
+                    loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+                    sgd.zero_grad()
+                    loss.backward()
+                    sgd.step()
+            q.eval()
+            with torch.no_grad():
+                accs.append(round(float((q(x_test).argmax(1) == y_test).float().mean()), 3))
+        print(f"| {name} | " + " | ".join(str(a) for a in accs) + " |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--mode", default="eager", choices=["eager", "fx"])
+    ap.add_argument("--out", default=None, help="also write the markdown table to this file")
+    ap.add_argument("--csd-reduction", action="store_true", help="run the CSD sum-vs-mean accuracy study instead")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    if args.csd_reduction:
+        csd_reduction_study()
+        return
+    torch.manual_seed(0)
+    cases = [
+        ("SmallResNet 14x14 b128", SmallResNet(width=16), torch.randn(128, 1, 14, 14), ["layer1", "layer2", "layer3"]),
+        ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32), ["layer1", "layer2", "layer3"]),
+    ]
+    lines = ["| model | " + " | ".join(TARGETS) + " |", "|---|" + "---:|" * len(TARGETS)]
+    for name, model, x, blocks in cases:
+        y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+        med = measure(name, model, x, y, blocks, args.mode, args.rounds)
+        cells = [f"{med['LSQ'] * 1000:.0f} ms"] + [
+            f"{med[m] / med['LSQ']:.2f}x {'ok' if med[m] / med['LSQ'] <= TARGETS[m] else 'MISSED'}"
+            for m in list(TARGETS)[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    lines.append("| target | 1 | " + " | ".join(f"<= {TARGETS[m]}x" for m in list(TARGETS)[1:]) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
