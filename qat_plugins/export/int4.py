@@ -16,10 +16,15 @@ from onnx import TensorProto, numpy_helper
 
 from .onnx_graph import QWEIGHT_SUFFIX, constant_tensors, dequantize_linear_inputs, drop_unused_initializers, weight_key
 
-__all__ = ["to_int4_weights", "int4_weights_to_int8"]
+__all__ = ["pack_int4_tensor", "to_int4_weights", "int4_weights_to_int8"]
 
 
-def _int4_tensor(values: np.ndarray, name: str, signed: bool) -> TensorProto:
+def pack_int4_tensor(values: np.ndarray, name: str, signed: bool = True) -> TensorProto:
+    """An ONNX INT4 (``signed``) or UINT4 initializer of ``values`` (integers in [-8, 7] / [0, 15]),
+    packed two values per byte in ``raw_data``. Raises ``ValueError`` for values out of range.
+
+    The one INT4 packer of the package (exporters of integrations call it too).
+    """
     import ml_dtypes
 
     lo, hi = (-8, 7) if signed else (0, 15)
@@ -59,8 +64,8 @@ def to_int4_weights(model: onnx.ModelProto, weight_names: Iterable[str] | Mappin
         else:
             zp = numpy_helper.to_array(consts[node.input[2]]).astype(np.int16) - off
         w_name, zp_name = key + QWEIGHT_SUFFIX + "_int4", key + QWEIGHT_SUFFIX + "_int4_zero_point"
-        new_inits.append(_int4_tensor(q, w_name, signed))
-        new_inits.append(_int4_tensor(zp, zp_name, signed))
+        new_inits.append(pack_int4_tensor(q, w_name, signed))
+        new_inits.append(pack_int4_tensor(zp, zp_name, signed))
         node.input[0] = w_name
         if len(node.input) < 3:
             node.input.append(zp_name)
@@ -72,34 +77,43 @@ def to_int4_weights(model: onnx.ModelProto, weight_names: Iterable[str] | Mappin
     return converted
 
 
-def int4_weights_to_int8(model: onnx.ModelProto) -> int:
+def int4_weights_to_int8(model: onnx.ModelProto, *, factor: int = 1) -> list[str]:
     """The reverse of :func:`to_int4_weights`: INT4/UINT4 weight initializers (and zero points)
-    become INT8/UINT8 with the same values. Returns the number of weights converted.
+    become INT8/UINT8 with the same values. Returns the module paths converted.
+
+    ``factor`` (1, 2, 4, 8 or 16) stores ``q * factor`` and ``zero_point * factor`` with the scale
+    divided by ``factor``: the same dequantized weights (power-of-two scaling is exact), and ONNX
+    Runtime's int32 bias at scale ``s_in * s_weight`` becomes ``factor`` times more exact.
 
     ONNX Runtime 1.32's CPU provider fuses ``DequantizeLinear`` only for 8-bit weights; a file
     shipped with INT4 weights (half the download) can be widened at load time to get the
     ``QLinearConv`` / ``QGemm`` integer kernels back.
     """
+    if factor not in (1, 2, 4, 8, 16):
+        raise ValueError(f"factor must be 1, 2, 4, 8 or 16 (INT4 values times it must fit 8 bits), got {factor}")
     graph = model.graph
     consts = constant_tensors(graph)
     taken = set(consts)
     new_inits: list[TensorProto] = []
-    n = 0
+    done: list[str] = []
     for node, wt in dequantize_linear_inputs(graph):
         if wt.data_type not in (TensorProto.INT4, TensorProto.UINT4):
             continue
         dtype = np.int8 if wt.data_type == TensorProto.INT4 else np.uint8
         key = weight_key(node.input[0])
-        for idx, name in ((0, key + QWEIGHT_SUFFIX), (2, key + QWEIGHT_SUFFIX + "_zero_point")):
-            if idx >= len(node.input) or node.input[idx] not in consts:
+        for idx, name, mult in ((0, key + QWEIGHT_SUFFIX, factor), (2, key + QWEIGHT_SUFFIX + "_zero_point", factor),
+                                (1, key + QWEIGHT_SUFFIX + "_scale", 1.0 / factor)):
+            if idx >= len(node.input) or node.input[idx] not in consts or (idx == 1 and factor == 1):
                 continue
             while name in taken:
                 name += "_int8"
             taken.add(name)
-            arr = numpy_helper.to_array(consts[node.input[idx]]).astype(np.int16).astype(dtype)
+            src = numpy_helper.to_array(consts[node.input[idx]])
+            arr = (src.astype(np.float32) * np.float32(mult)).astype(np.float32) if idx == 1 else \
+                (src.astype(np.int16) * int(mult)).astype(dtype)
             new_inits.append(numpy_helper.from_array(arr, name))
             node.input[idx] = name
-        n += 1
+        done.append(key)
     graph.initializer.extend(new_inits)
     drop_unused_initializers(graph)
-    return n
+    return done

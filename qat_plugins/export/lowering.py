@@ -28,9 +28,13 @@ import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
 
+from .lowering_pt2e import is_pt2e_graph, lower_pt2e_weights
 from .qdq import DEFAULT_CLIP_MODE, ActivationQDQ, ExportConv, ExportLinear, FloatWeight, QuantizedWeight
 
-__all__ = ["lower_qat_model", "LoweredModel", "WeightInfo", "find_fake_quantizers", "is_converted_model"]
+__all__ = ["lower_qat_model", "LoweredModel", "WeightInfo", "find_fake_quantizers", "is_converted_model",
+           "WEIGHT_TYPE_ALIASES"]
+
+WEIGHT_TYPE_ALIASES = {"s8": "int8", "u8": "uint8"}
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine,
                 torch.per_channel_affine_float_qparams)
@@ -47,6 +51,7 @@ class WeightInfo:
     quant_max: int | None = None
     per_channel: bool = False
     offset: int = 0  # +128 when a signed grid is stored as UINT8
+    factor: int = 1  # stored as q * factor with scale / factor (a finer grid for the int32 bias)
 
     @property
     def int4_eligible(self) -> bool:
@@ -190,7 +195,19 @@ def _storage(qmin: int, qmax: int, int8_weight_type: str) -> str:
     return int8_weight_type
 
 
-def _integer_weight(name: str, fq: FakeQuantizeBase, w: torch.Tensor, int8_weight_type: str) -> QuantizedWeight:
+def grid_factor(quant_min: int, quant_max: int, limit: int = 128) -> int:
+    """Largest power of two ``k`` with ``quant_min * k >= -limit`` and ``quant_max * k < limit``
+    (signed grids; 1 for unsigned ones): the refinement :class:`QuantizedWeight` can store."""
+    if quant_min >= 0:
+        return 1
+    k = 1
+    while quant_min * 2 * k >= -limit and quant_max * 2 * k <= limit - 1:
+        k *= 2
+    return k
+
+
+def _integer_weight(name: str, fq: FakeQuantizeBase, w: torch.Tensor, int8_weight_type: str,
+                    grid_limit: int | None = 128) -> QuantizedWeight:
     qmin, qmax = _qrange(fq)
     w_hat = fq(w)  # exactly what the QAT forward computes in eval mode
     scale, zp = _qparams(name, fq)
@@ -211,8 +228,9 @@ def _integer_weight(name: str, fq: FakeQuantizeBase, w: torch.Tensor, int8_weigh
         err = (deq - w_hat).abs().max().item()
         warnings.warn(f"'{name}': integer weights times scale differ from the fake-quantized weight by "
                       f"up to {err:.3g} (a fake quantizer with non-standard rounding?)", stacklevel=3)
+    factor = grid_factor(qmin, qmax, grid_limit) if grid_limit else 1
     return QuantizedWeight(q, scale, zp, axis if per_channel else -1, _bits(fq), qmin, qmax,
-                           storage=_storage(qmin, qmax, int8_weight_type))
+                           storage=_storage(qmin, qmax, int8_weight_type), factor=factor)
 
 
 _RELU_TYPES: tuple[type, ...] = ()
@@ -229,8 +247,27 @@ def _fused_relu(mod: nn.Module) -> bool:
     return isinstance(mod, _RELU_TYPES)
 
 
+def _lower_weight(name: str, layer_type: str, fq: FakeQuantizeBase, w: torch.Tensor, fmt: str,
+                  info: list[WeightInfo], int8_weight_type: str, grid_limit: int | None = 128) -> nn.Module:
+    """A :class:`QuantizedWeight` (or :class:`FloatWeight` for ``fp32`` / disabled fake quant) of ``w``.
+
+    ``grid_limit``: refine grids of fewer than 8 bits up to ``|q| <= grid_limit`` (``None``: never);
+    INT4 exports pass ``None`` for the layers they pack."""
+    if fmt != "fp32" and _enabled(fq):
+        _check_initialised(name, fq)
+        qmin, qmax = _qrange(fq)
+        if fmt == "int4" and WeightInfo(name, layer_type, _bits(fq), qmin, qmax).int4_eligible:
+            grid_limit = None  # packed as INT4 later: keep the quantizer's own grid
+        qw = _integer_weight(name, fq, w, int8_weight_type, grid_limit)
+        per_channel = getattr(fq, "qscheme", None) in _PER_CHANNEL
+        info.append(WeightInfo(name, layer_type, _bits(fq), qmin, qmax, per_channel, qw.offset, qw.factor))
+        return qw
+    info.append(WeightInfo(name, layer_type, None))
+    return FloatWeight(w)
+
+
 def _weight_module(name: str, mod: nn.Module, fq: FakeQuantizeBase, fmt: str,
-                   info: list[WeightInfo], int8_weight_type: str) -> nn.Module:
+                   info: list[WeightInfo], int8_weight_type: str, grid_limit: int | None) -> nn.Module:
     is_conv = isinstance(mod, nn.modules.conv._ConvNd)
     is_linear = isinstance(mod, nn.Linear)
     if is_conv and getattr(mod, "transposed", False):
@@ -241,17 +278,7 @@ def _weight_module(name: str, mod: nn.Module, fq: FakeQuantizeBase, fmt: str,
             "are Conv1d/2d/3d and Linear (with fused BatchNorm / ReLU); leave it unquantized "
             "(qconfig=None) or export the float model")
     w, bias = _bn_fold(mod)
-    quantize = fmt != "fp32" and _enabled(fq)
-    if quantize:
-        _qrange(fq)
-        qw = _integer_weight(name, fq, w, int8_weight_type)
-        weight: nn.Module = qw
-        qmin, qmax = _qrange(fq)
-        per_channel = getattr(fq, "qscheme", None) in _PER_CHANNEL
-        info.append(WeightInfo(name, type(mod).__name__, _bits(fq), qmin, qmax, per_channel, qw.offset))
-    else:
-        weight = FloatWeight(w)
-        info.append(WeightInfo(name, type(mod).__name__, None))
+    weight = _lower_weight(name, type(mod).__name__, fq, w, fmt, info, int8_weight_type, grid_limit)
     relu = _fused_relu(mod)
     if is_conv:
         return ExportConv(mod, weight, bias, relu)  # type: ignore[arg-type]
@@ -260,18 +287,33 @@ def _weight_module(name: str, mod: nn.Module, fq: FakeQuantizeBase, fmt: str,
 
 @torch.no_grad()
 def lower_qat_model(model: nn.Module, weight_format: str = "int8", *,
-                    clip_mode: str = DEFAULT_CLIP_MODE, int8_weight_type: str = "auto") -> LoweredModel:
+                    clip_mode: str = DEFAULT_CLIP_MODE, int8_weight_type: str = "int8",
+                    refine_weight_grid: bool = True) -> LoweredModel:
     """Deep-copy ``model`` in eval mode and swap fake quantizers / QAT layers for export modules.
 
     ``weight_format="fp32"`` strips all quantization (a float reference with BN folded);
     ``"int8"`` / ``"int4"`` keep it (INT4 packing is done on the ONNX file later).
-    ``int8_weight_type``: ``"auto"`` stores full 8-bit signed weight grids as UINT8 (+128) and
-    narrower ones as INT8; ``"int8"`` / ``"uint8"`` force one storage type (see
-    :class:`~qat_plugins.export.qdq.QuantizedWeight`).
+    ``int8_weight_type``: ``"int8"`` (default, alias ``"s8"``) stores signed grids as INT8 (zero
+    point 0); ``"uint8"`` (``"u8"``) stores them as UINT8 + 128; ``"auto"`` does that only for full
+    8-bit grids (see :class:`~qat_plugins.export.qdq.QuantizedWeight`).
+    ``refine_weight_grid`` (default) stores weight grids of fewer than 8 bits on the finest
+    power-of-two refinement that fits INT8 (same values, a more exact int32 bias in ORT's kernels);
+    models trained with ``reduce_range`` (7-bit weights, for CPUs without VNNI) keep ``|q| <= 64``.
     """
+    int8_weight_type = WEIGHT_TYPE_ALIASES.get(int8_weight_type, int8_weight_type)
     if int8_weight_type not in ("auto", "int8", "uint8"):
-        raise ValueError(f"int8_weight_type must be 'auto', 'int8' or 'uint8', got {int8_weight_type!r}")
+        raise ValueError(f"int8_weight_type must be 'int8' ('s8'), 'uint8' ('u8') or 'auto', got {int8_weight_type!r}")
     m = copy.deepcopy(model).eval()
+    lowered = LoweredModel(m)
+    grid_limit: int | None = None
+    if refine_weight_grid:  # reduce_range (7-bit weights) means: never store |q| > 64
+        reduced = any((getattr(f, "quant_min", None), getattr(f, "quant_max", None)) == (-64, 63)
+                      for _, f in find_fake_quantizers(m))
+        grid_limit = 64 if reduced else 128
+    if is_pt2e_graph(m):  # PT2E: weight fake quantizers -> integer weights, torchao's conv-bn pattern folded
+        lower_pt2e_weights(m, lambda name, kind, fq, w: _lower_weight(name, kind, fq, w, weight_format,
+                                                                       lowered.weights, int8_weight_type,
+                                                                       grid_limit))
     fqs = find_fake_quantizers(m)
     if not fqs and weight_format != "fp32":
         raise ValueError(
@@ -288,7 +330,7 @@ def lower_qat_model(model: nn.Module, weight_format: str = "int8", *,
         if isinstance(fq, FakeQuantizeBase):
             weight_fq_ids.add(id(fq))
             owners.append((name, mod, fq))
-    lowered = LoweredModel(m, num_fake_quantizers=len({id(f) for _, f in fqs}))
+    lowered.num_fake_quantizers = len({id(f) for _, f in fqs}) + len(lowered.weights)
     # 1. activation quantizers (inside eager modules too, before those are swapped)
     done: dict[int, nn.Module] = {}
     for name, fq in fqs:
@@ -304,7 +346,8 @@ def lower_qat_model(model: nn.Module, weight_format: str = "int8", *,
         if not name:
             raise ValueError("the top-level module itself is a QAT layer; wrap it in an nn.Module")
         if id(mod) not in swapped:
-            swapped[id(mod)] = _weight_module(name, mod, fq, weight_format, lowered.weights, int8_weight_type)
+            swapped[id(mod)] = _weight_module(name, mod, fq, weight_format, lowered.weights, int8_weight_type,
+                                              grid_limit)
             _move_hooks(mod, swapped[id(mod)])
         _set_submodule(m, name, swapped[id(mod)])
     return lowered

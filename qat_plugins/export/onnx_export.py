@@ -1,70 +1,9 @@
-"""Export a torch.ao QAT model (``qat_plugins.prepare_qat``, eager or FX) to a QDQ ONNX model.
+"""Export a QAT model (eager, FX or PT2E) to a QDQ ONNX model, plus the exporter table hook.
 
-Pipeline: :func:`~qat_plugins.export.lowering.lower_qat_model` (deep copy in eval mode, fake
-quantizers -> QDQ modules, BatchNorm folded) -> ``torch.onnx.export(..., dynamo=False)`` (the
-TorchScript exporter, opset <= 20, dynamic batch axis) -> post-processing with ``onnx`` (constants
-to initializers, opset move via ``onnx.version_converter``, INT4 repacking, metadata,
-``onnx.checker``) -> atomic write (temp file in the target directory + ``os.replace``).
-
-Graph form (numbers measured with ONNX Runtime 1.32, CPU provider, on this AVX2 machine, for
-``SmallResNet(width=16)`` on digits; the optimized graph read back from ORT):
-
-* **Weights**: integer initializers -> ``DequantizeLinear`` (per-channel scale and zero point,
-  ``axis=0``) -> ``Conv`` / ``Gemm``. Grids of up to 7 bits are INT8. Full 8-bit signed grids
-  (e.g. the first/last layer kept at 8 bit) are stored by default as **UINT8 with zero point + 128**
-  (``int8_weight_type="auto"``) -- the same dequantized values, but ORT then runs its U8U8 kernels:
-  its x86 U8S8 kernels on CPUs without VNNI add pairs of ``u8 * s8`` products in saturating int16,
-  which 8-bit weights (``|w| > 64``) overflow. Measured: a W8A8 eager SmallResNet agreed with
-  PyTorch on 97.6 % of the test images with INT8 weights, 100 % with UINT8 + 128.
-  ``int8_weight_type="int8"`` writes pure INT8 (symmetric, zero point 0) for VNNI / ARM CPUs or
-  other runtimes.
-* **Activations**: ``QuantizeLinear -> DequantizeLinear`` pairs (UINT8 for ``quint8`` quantizers,
-  INT8 for ``qint8``). At A8 FX models fuse completely: 9x ``QLinearConv``, 3x ``QLinearAdd``,
-  ``QLinearGlobalAveragePool``, ``QGemm``; only the input ``QuantizeLinear`` and output
-  ``DequantizeLinear`` stay. Eager torch.ao models compute a float ReLU after the quantized residual
-  add and leave the pooled features unquantized (the exported graph does what the fake-quant model
-  does); a value-preserving Q/DQ with the add's grid is inserted after such a ReLU, so all 9 convs
-  still fuse, while ``GlobalAveragePool`` and the classifier ``Gemm`` run in float.
-* **Sub-8-bit activation grids** (2..7 bit): a UINT8 ``QuantizeLinear`` saturates at 0..255, not at
-  ``quant_max``, so an integer ``Clip(quant_min, quant_max)`` runs between Q and DQ
-  (``clip_mode="int"``). That is exactly the fake quantizer's clamp and keeps ORT's fusions: at
-  W4A4 the optimized graph still has 9x ``QLinearConv`` + 3x ``QLinearAdd`` (+ ``QGemm``,
-  ``QLinearGlobalAveragePool`` for FX), with 11-12 ``Clip`` nodes on uint8 tensors in between.
-  A float ``Clip`` before Q (``"before"``: ORT fuses it into a float ``FusedConv``, 8 of 9 convs
-  float) or after DQ (``"after"``: 7 of 9 convs float) gives the same values but ran 3-5x slower.
-  8-bit grids get no Clip.
-* **INT4** (``weight_format="int4"``): weights whose quantizer has ``bits <= 4`` become opset-21
-  INT4 initializers (packed ``raw_data``, two values per byte) feeding the standard
-  ``DequantizeLinear``; the model's opset becomes 21. Weights with more bits (the first/last layer
-  that ``prepare_qat(keep_first_last_8bit=True)`` keeps at 8 bit) stay 8-bit in the same file. A
-  <= 4-bit grid that fits neither INT4 nor UINT4 is an error. Chosen over ORT's 4-bit contrib ops
-  because those cover only MatMul (``MatMulNBits``, block-wise along K) while these models are
-  conv-dominated, and the standard op keeps the file portable and the per-channel grids bit-exact.
-  Measured: ORT does not fuse INT4 weights into an integer kernel (8 of 9 convs run as
-  ``DequantizeLinear`` + float ``Conv`` every call), 3-4.5x slower than FP32 here -- INT4 is a
-  storage/download format. :func:`unpack_int4` widens the weights to INT8 (same values) at the
-  deployment site and brings the fused kernels back.
-* **Sizes** (SmallResNet(16), 77k weights): FP32 306 KB; INT8 94-98 KB (0.31x: the int8 weights
-  are 77 KB, the rest is per-channel scales, float biases and ~150 graph nodes); INT4 58-61 KB
-  (0.19-0.20x). Weight-dominated models approach 1/4 and 1/8.
-* ``weight_format="fp32"`` exports the same graph with all quantization removed (BN folded), the
-  float reference for size/latency comparisons; it also accepts plain float models.
-
-Numerics: integer weights are derived from the fake quantizer's own output, so
-``(q - z) * s`` in the file equals the PyTorch fake-quantized (BN-folded) weight bit for bit.
-Activations use ``QuantizeLinear``'s ``round(x / s) + z`` (half to even, like ``torch.round``) plus
-the clamp; with ORT's QDQ fusion off the file reproduces every fake-quantized activation except
-where float summation order decides a rounding boundary (~1e-5 of the elements after a conv; often
-after average pooling, whose means of grid values land on exact .5 ties). The fused integer kernels
-requantize with their own rounding: top-1 agreement with PyTorch measured 99.8-100 %.
-
-Limitations: models already converted to quantized kernels (``torch.ao.quantization.convert`` /
-``convert_fx``) are rejected -- their modules no longer carry the quantizers' ``quant_min`` /
-``quant_max``, so sub-8-bit grids cannot be reproduced; export the prepared (fake-quant) model.
-Models whose weight quantizers are not ``weight_fake_quant`` modules of QAT Conv/Linear layers
-(PT2E models from ``prepare_qat_pt2e``, custom layers) export with float weights followed by
-Q/DQ (same values, no integer storage, fused BatchNorm unfolded, a warning) and cannot be INT4.
-Supported weight layers: Conv1d/2d/3d and Linear, plain or fused with BatchNorm / ReLU.
+Pipeline: :func:`~qat_plugins.export.lowering.lower_qat_model` (copy in eval mode, fake quantizers ->
+QDQ modules, BatchNorm folded) -> ``torch.onnx.export(..., dynamo=False)`` -> ``onnx`` post-processing
+(constants, opset, INT4 packing, metadata, checker) -> atomic write. Graph form, numerics and the
+storage choices (INT8 weights, INT4, sub-8-bit clamps) are explained in ``docs/onnx_export.md``.
 """
 
 from __future__ import annotations
@@ -86,12 +25,13 @@ from onnx import numpy_helper
 from torch import nn
 
 from .int4 import int4_weights_to_int8, to_int4_weights
-from .onnx_graph import (constant_tensors, dequantize_linear_inputs, requantize_relu_outputs, set_opset,
+from .onnx_graph import (clip_on_grid, constant_tensors, dequantize_linear_inputs, requantize_relu_outputs, set_opset,
                          simplify_constants, weight_key)
 from .lowering import LoweredModel, is_converted_model, lower_qat_model
 from .qdq import CLIP_MODES, DEFAULT_CLIP_MODE
+from .registry import find_exporter
 
-__all__ = ["export_onnx", "decode_onnx_weights", "unpack_int4", "WEIGHT_FORMATS", "DEFAULT_OPSET",
+__all__ = ["export_onnx", "decode_onnx_weights", "grid_factors", "unpack_int4", "WEIGHT_FORMATS", "DEFAULT_OPSET",
            "INT4_OPSET", "TORCHSCRIPT_MAX_OPSET", "read_metadata"]
 
 WEIGHT_FORMATS = ("int8", "int4", "fp32")
@@ -205,17 +145,18 @@ def _torch_export(lowered: LoweredModel, inputs: tuple[torch.Tensor, ...], opset
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: torch.Tensor | Sequence[torch.Tensor],
                 *, weight_format: str = "int8", opset: int | None = None,
-                clip_mode: str = DEFAULT_CLIP_MODE, int8_weight_type: str = "auto",
-                requantize_relu: bool = True) -> Path:
+                clip_mode: str = DEFAULT_CLIP_MODE, int8_weight_type: str = "int8",
+                requantize_relu: bool = True, refine_weight_grid: bool = True, **options: Any) -> Path:
     """Write a QDQ ONNX model of a QAT model and return its path.
 
     Args:
         model: a torch.ao QAT model from :func:`qat_plugins.prepare_qat` (``mode="eager"`` or
             ``"fx"``) whose fake quantizers have seen at least one batch. The model is not
-            modified (a deep copy in eval mode is exported). An NNCF QAT model
-            (:func:`qat_plugins.integrations.nncf.is_nncf_model`) is handed to
-            :func:`~qat_plugins.integrations.nncf.export_nncf_onnx` (``weight_format`` ``"int8"`` /
-            ``"int4"``; ``opset``, ``clip_mode``, ``int8_weight_type``, ``requantize_relu`` do not apply).
+            modified (a deep copy in eval mode is exported). A model that a registered exporter
+            applies to (:func:`~qat_plugins.export.registry.register_exporter`, e.g. NNCF QAT models
+            once ``qat_plugins.integrations`` is imported) is handed to that exporter with
+            ``weight_format`` and ``**options``; ``opset``, ``clip_mode``, ``int8_weight_type`` and
+            ``requantize_relu`` belong to the built-in path.
         path: the ``.onnx`` file to write (parent directory must exist); written atomically.
         example_inputs: a batch (tensor or tuple of tensors) shaped like the model's input; the
             batch axis is exported as dynamic.
@@ -225,11 +166,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         opset: ONNX opset; default 17 (``int8``/``fp32``) or 21 (``int4``, also the minimum there).
         clip_mode: where the clamp of sub-8-bit activation grids goes: ``"int"`` (integer ``Clip``
             between Q and DQ, default, keeps ORT fusion), ``"before"`` / ``"after"`` (float Clip).
-        int8_weight_type: storage of weights kept at 8 bit: ``"auto"`` (default) stores full 8-bit
-            signed grids as UINT8 with zero point + 128 (same values; ORT's U8U8 kernels, no int16
-            saturation on x86 without VNNI) and narrower grids as INT8; ``"int8"`` forces INT8
-            (symmetric signed weights, e.g. for VNNI/ARM CPUs or other runtimes); ``"uint8"``
-            forces UINT8.
+        int8_weight_type: integer storage of the weights: ``"int8"`` (default, alias ``"s8"``):
+            signed INT8, zero point 0 -- ORT's fast U8S8 kernels (VNNI / AVX-512 / ARM);
+            ``"uint8"`` (``"u8"``): UINT8 with zero point +128 (same values; ORT's U8U8 kernels,
+            about FP32 speed); ``"auto"``: UINT8 only for full 8-bit grids. For x86 CPUs without
+            VNNI, where U8S8 kernels saturate an int16 sum for |w| > 64, prefer training with
+            ``prepare_qat(..., reduce_range=True)`` (7-bit weights, INT8 storage, fast) over
+            ``"uint8"``/``"auto"``.
+        refine_weight_grid: store weight grids of fewer than 8 bits as ``q * 2^k`` with scale
+            ``s / 2^k`` (same values; ``2^k`` the largest factor that fits INT8, ``|q| <= 64`` for
+            models trained with ``reduce_range``): ORT's integer kernels add the bias as int32 at
+            scale ``s_in * s_weight``, so it is ``2^k`` times more exact (W4: 16x). INT4-packed layers
+            keep their grid (:func:`unpack_int4` / :func:`~qat_plugins.export.ort_session` refine
+            them when widening).
         requantize_relu: add a value-preserving Q/DQ after a float ``Relu`` that follows a
             ``DequantizeLinear`` (eager models apply ReLU after the quantized residual add), so
             the next conv is fused by ORT.
@@ -245,10 +194,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a QAT model from qat_plugins.prepare_qat), "
                         f"got {type(model).__name__}")
-    from ..integrations.nncf import export_nncf_onnx, is_nncf_model  # does not import NNCF itself
-
-    if is_nncf_model(model):  # NNCF QAT model: NNCF's strip + QDQ export (int8 / int4; opset 20 / 21)
-        return export_nncf_onnx(model, _check_target(path), _as_inputs(example_inputs), weight_format=weight_format)
+    plugin = find_exporter(model)
+    if plugin is not None:  # e.g. NNCF QAT models: the integration registered its own exporter
+        return plugin.export(model, _check_target(path), _as_inputs(example_inputs), weight_format=weight_format,
+                             **options)
+    if options:
+        raise TypeError(f"export_onnx() got unexpected keyword arguments {sorted(options)} (extra options "
+                        "are passed only to a registered exporter, see qat_plugins.export.register_exporter)")
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"unsupported weight_format {weight_format!r}; choose one of {WEIGHT_FORMATS}")
     if clip_mode not in CLIP_MODES:
@@ -264,22 +216,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             "after training")
 
     with _quiet():
-        lowered = lower_qat_model(model, weight_format, clip_mode=clip_mode, int8_weight_type=int8_weight_type)
+        lowered = lower_qat_model(model, weight_format, clip_mode=clip_mode, int8_weight_type=int8_weight_type,
+                                  refine_weight_grid=refine_weight_grid)
     if weight_format != "fp32" and not lowered.weights:
-        # e.g. PT2E models (torchao prepare_qat_pt2e) or custom layers: the weight quantizers are
-        # not torch.ao ``weight_fake_quant`` modules of Conv/Linear layers, so they were lowered
-        # like activation quantizers (float weight -> Q -> DQ: right values, float storage)
+        # custom layers whose weight quantizers are neither torch.ao ``weight_fake_quant`` modules of
+        # Conv/Linear layers nor PT2E weight quantizers: lowered like activations (float weight -> Q -> DQ)
         if weight_format == "int4":
             raise ValueError(
-                f"weight_format='int4' needs QAT Conv/Linear layers with a weight_fake_quant (eager or FX "
-                f"prepare_qat); {type(model).__name__} quantizes its weights some other way (a PT2E "
-                "model?), so they cannot be stored as INT4; use weight_format='int8' or prepare the "
-                "model with mode='eager' or 'fx'")
+                f"weight_format='int4' needs QAT Conv/Linear layers (eager / FX prepare_qat) or a PT2E model "
+                f"whose conv/linear weights pass a fake quantizer; {type(model).__name__} quantizes its weights "
+                "some other way, so they cannot be stored as INT4; use weight_format='int8'")
         warnings.warn(
-            f"{type(model).__name__} has no QAT Conv/Linear layers with a weight_fake_quant (a PT2E "
-            "model?): its weights are exported as float initializers followed by QuantizeLinear/"
-            "DequantizeLinear (same values, no integer storage) and fused BatchNorm stays unfolded; "
-            "prepare with mode='eager' or 'fx' for integer weights", stacklevel=2)
+            f"{type(model).__name__} has no QAT Conv/Linear layers with a weight fake quantizer: its weights "
+            "are exported as float initializers followed by QuantizeLinear/DequantizeLinear (same values, no "
+            "integer storage)", stacklevel=2)
     int4_names: list[str] = []
     if weight_format == "int4":
         for w in lowered.weights:
@@ -297,6 +247,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     proto = simplify_constants(set_opset(proto, target_opset))
     if requantize_relu and weight_format != "fp32":
         requantize_relu_outputs(proto)
+        clip_on_grid(proto)
     if int4_names:
         done = to_int4_weights(proto, {w.name: w.offset for w in lowered.weights if w.name in int4_names})
         missing = sorted(set(int4_names) - set(done))
@@ -319,6 +270,7 @@ def _add_metadata(proto: onnx.ModelProto, weight_format: str, lowered: LoweredMo
         "weight_bits": ",".join(map(str, bits)),
         "int4_layers": ",".join(int4_names),
         "uint8_offset_layers": ",".join(w.name for w in lowered.weights if w.offset and w.name not in int4_names),
+        "weight_grid_factors": ",".join(f"{w.name}:{w.factor}" for w in lowered.weights if w.factor > 1),
         "activation_quantizers": str(lowered.num_activation_quantizers),
     }
     for k, v in meta.items():
@@ -343,6 +295,15 @@ def _load_onnx(p: Path) -> onnx.ModelProto:
         raise ValueError(f"{p} is not a readable ONNX model ({type(e).__name__}: {e})") from None
 
 
+def grid_factors(meta: dict[str, str]) -> dict[str, int]:
+    """``{layer: factor}`` of the weights stored on a refined grid (``q * factor``, scale ``/ factor``)."""
+    out = {}
+    for item in filter(None, meta.get("weight_grid_factors", "").split(",")):
+        name, _, k = item.rpartition(":")
+        out[name] = int(k)
+    return out
+
+
 def decode_onnx_weights(path: str | os.PathLike[str], *, dequantize: bool = False) -> dict[str, np.ndarray]:
     """Integer weights of a QDQ ONNX file, by module path (e.g. ``"layer1.conv1"``).
 
@@ -357,6 +318,7 @@ def decode_onnx_weights(path: str | os.PathLike[str], *, dequantize: bool = Fals
     consts = constant_tensors(model.graph)
     meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
     shifted = set(filter(None, meta.get("uint8_offset_layers", "").split(",")))
+    factors = grid_factors(meta)
     out: dict[str, np.ndarray] = {}
     for node, wt in dequantize_linear_inputs(model.graph):
         key = weight_key(node.input[0])
@@ -365,7 +327,7 @@ def decode_onnx_weights(path: str | os.PathLike[str], *, dequantize: bool = Fals
         signed = off != 0 or wt.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
         q = q16.astype(np.int8 if signed else np.uint8)
         if not dequantize:
-            out[key] = q
+            out[key] = (q16 // factors.get(key, 1)).astype(q.dtype)  # the quantizer's own grid
             continue
         scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float32)
         zp = (numpy_helper.to_array(consts[node.input[2]]).astype(np.float32) - off
@@ -380,8 +342,12 @@ def decode_onnx_weights(path: str | os.PathLike[str], *, dequantize: bool = Fals
 
 
 
-def unpack_int4(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+def unpack_int4(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, factor: int = 16) -> Path:
     """Write a copy of an INT4 export with its INT4 weights widened to INT8 (same values).
+
+    ``factor`` (a power of two, at most 16) stores them as ``q * factor`` with scale ``/ factor``
+    (same values, a more exact int32 bias in ORT's kernels, see :func:`export_onnx`); pass 8 (or 1)
+    for x86 CPUs without VNNI, whose U8S8 kernels need ``|q| <= 64``.
 
     ONNX Runtime's CPU provider runs INT4 ``DequantizeLinear`` weights as ``DequantizeLinear`` +
     float ``Conv`` on every call; the widened copy gets the fused ``QLinearConv`` / ``QGemm``
@@ -390,10 +356,16 @@ def unpack_int4(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     """
     s = Path(src)
     model = _load_onnx(s)
-    int4_weights_to_int8(model)
+    widened = int4_weights_to_int8(model, factor=factor)
+    meta = {e.key: e for e in model.metadata_props}
     for entry in model.metadata_props:
         if entry.key == META_PREFIX + "weight_format" and entry.value == "int4":
             entry.value = "int4-unpacked"
+    if factor > 1 and widened:
+        key = META_PREFIX + "weight_grid_factors"
+        entry = meta.get(key) or model.metadata_props.add()
+        entry.key = key
+        entry.value = ",".join(filter(None, [entry.value] + [f"{n}:{factor}" for n in widened]))
     onnx.checker.check_model(model)
     d = _check_target(dst)
     atomic_write_bytes(d, model.SerializeToString())

@@ -7,7 +7,8 @@ import onnx.version_converter
 from onnx import TensorProto
 
 __all__ = ["QWEIGHT_SUFFIX", "weight_key", "constant_tensors", "dequantize_linear_inputs", "set_opset",
-           "simplify_constants", "drop_unused_initializers", "requantize_relu_outputs"]
+           "simplify_constants", "drop_unused_initializers", "requantize_relu_outputs",
+           "clip_on_grid"]
 
 QWEIGHT_SUFFIX = ".w.qweight"
 _INT_TYPES = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
@@ -168,3 +169,78 @@ def requantize_relu_outputs(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(new_nodes)
     return changed
+
+
+def _scalar(consts: dict[str, TensorProto], name: str) -> float | None:
+    t = consts.get(name)
+    if t is None:
+        return None
+    arr = onnx.numpy_helper.to_array(t)
+    return float(arr) if arr.size == 1 else None
+
+
+def clip_on_grid(model: onnx.ModelProto) -> int:
+    """``DQ(s, z) -> Clip(lo, hi) -> Q(s, z)`` (ReLU6 / hardtanh between two quantizers of one grid,
+    FX's and PT2E's shared-qparams pattern) becomes an integer ``Clip(q, round(lo/s)+z, round(hi/s)+z)``
+    on the quantized tensor. Exact: clamping a grid value and re-rounding on the same grid equals
+    clamping its integer (0 is on the grid, ``x <= hi`` means ``q - z <= floor(hi/s)``). ORT then keeps
+    the integer path instead of dequantizing, clipping in float and quantizing again. The ``Clip`` takes
+    the ``QuantizeLinear``'s name and output. Returns the number of patterns rewritten.
+    """
+    import numpy as np
+
+    graph = model.graph
+    consts = constant_tensors(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in graph.output}
+    replace: dict[int, onnx.NodeProto] = {}
+    new_inits: list[TensorProto] = []
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            continue
+        clip = producers.get(q.input[0])
+        if clip is None or clip.op_type != "Clip" or len(clip.input) < 3 or clip.output[0] in graph_outputs \
+                or len(consumers.get(clip.output[0], [])) != 1:
+            continue
+        dq = producers.get(clip.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.input[0] in consts:
+            continue
+        s_q, s_dq = _scalar(consts, q.input[1]), _scalar(consts, dq.input[1])
+        z_q, z_dq = consts.get(q.input[2]), consts.get(dq.input[2])
+        lo, hi = _scalar(consts, clip.input[1]), _scalar(consts, clip.input[2])
+        if None in (s_q, s_dq, lo, hi) or z_q is None or z_dq is None or s_q != s_dq \
+                or z_q.data_type != z_dq.data_type or _scalar(consts, q.input[2]) != _scalar(consts, dq.input[2]):
+            continue
+        z = int(_scalar(consts, q.input[2]))
+        dtype = np.uint8 if z_q.data_type == TensorProto.UINT8 else np.int8
+        info = np.iinfo(dtype)
+        s32 = np.float32(s_q)
+        qlo = int(np.clip(np.round(np.float32(lo) / s32) + z, info.min, info.max))
+        qhi = int(np.clip(np.round(np.float32(hi) / s32) + z, info.min, info.max))
+        lo_name, hi_name = f"{q.name}_clip_lo", f"{q.name}_clip_hi"
+        new_inits += [onnx.numpy_helper.from_array(np.array(qlo, dtype=dtype), lo_name),
+                      onnx.numpy_helper.from_array(np.array(qhi, dtype=dtype), hi_name)]
+        replace[id(q)] = onnx.helper.make_node("Clip", [dq.input[0], lo_name, hi_name], [q.output[0]], name=q.name)
+    if not replace:
+        return 0
+    nodes = [replace.get(id(n), n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    # the float DQ -> Clip pair is dead unless something else reads it
+    used = {i for n in graph.node for i in n.input} | graph_outputs
+    changed = True
+    while changed:
+        changed = False
+        keep = [n for n in graph.node if any(o in used for o in n.output) or not n.output]
+        if len(keep) != len(graph.node):
+            del graph.node[:]
+            graph.node.extend(keep)
+            used = {i for n in graph.node for i in n.input} | graph_outputs
+            changed = True
+    drop_unused_initializers(graph)
+    return len(replace)

@@ -134,6 +134,15 @@ class ActivationQDQ(nn.Module):
         return _QDQFunction.apply(x, self.scale, self.zero_point, self.quant_min, self.quant_max,
                                   self.signed, self.axis, self.clip_mode)
 
+    def integers(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer grid values of ``x`` as the file stores them after ``QuantizeLinear`` (+ the
+        integer ``Clip``): ``clamp(round(x / s) + z)`` as int32."""
+        s = _expand(torch.tensor(self.scale, dtype=torch.float32), x, self.axis)
+        z = _expand(torch.tensor(self.zero_point, dtype=torch.float32), x, self.axis)
+        lo, hi = (self.quant_min, self.quant_max) if self.clip_mode != "after" else \
+            ((-128, 127) if self.signed else (0, 255))
+        return torch.clamp(torch.round(x.float() / s) + z, lo, hi).to(torch.int32)
+
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, range=({self.quant_min}, {self.quant_max}), signed={self.signed}, "
                 f"per_channel={isinstance(self.scale, tuple)}, clip_mode={self.clip_mode!r}")
@@ -146,21 +155,31 @@ class QuantizedWeight(nn.Module):
     by +128 (``q + 128``, ``z + 128``: the same dequantized values) so that ONNX Runtime picks its
     U8U8 integer kernels -- on x86 CPUs without VNNI the U8S8 kernels add pairs of ``u8 * s8``
     products in saturating int16 and can be wrong for 8-bit weights. Unsigned grids are UINT8.
-    ``offset`` records the shift (0 or 128).
+    ``offset`` records the shift (0 or 128). ``factor`` (a power of two, default 1) stores a grid of
+    fewer than 8 bits as ``q * factor`` with scale ``s / factor`` -- the same float weights, but ONNX
+    Runtime's integer kernels add the bias as int32 at scale ``s_in * s_weight``, so the bias is
+    ``factor`` times more exact (see ``docs/onnx_export.md``).
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
-                 bits: int, quant_min: int, quant_max: int, storage: str = "int8") -> None:
+                 bits: int, quant_min: int, quant_max: int, storage: str = "int8", factor: int = 1) -> None:
         super().__init__()
         signed = quant_min < 0
         self.offset = 128 if signed and storage == "uint8" else 0
+        self.factor = int(factor)
+        lo, hi = (-128, 127) if signed else (0, 255)
+        if self.factor < 1 or self.factor & (self.factor - 1) or not (lo <= quant_min * self.factor
+                                                                      and quant_max * self.factor <= hi):
+            raise ValueError(f"grid factor {factor} must be a power of two that keeps ({quant_min}, {quant_max}) "
+                             "within 8 bits")
         store = torch.int8 if signed and not self.offset else torch.uint8
         per_channel = scale.numel() > 1 or axis >= 0
-        scale = scale.detach().float().reshape(-1)
-        zero_point = zero_point.detach().round().reshape(-1)
+        # q * 2^k with scale / 2^k: the same float weights bit for bit (power-of-two scaling is exact)
+        scale = scale.detach().float().reshape(-1) / self.factor
+        zero_point = zero_point.detach().round().reshape(-1) * self.factor
         if not per_channel:
             scale, zero_point = scale.reshape(()), zero_point.reshape(())
-        self.register_buffer("qweight", (q.detach().round().to(torch.int16) + self.offset).to(store))
+        self.register_buffer("qweight", (q.detach().round().to(torch.int16) * self.factor + self.offset).to(store))
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", (zero_point.to(torch.int16) + self.offset).to(store))
         self.axis = axis if per_channel else 0
@@ -176,7 +195,8 @@ class QuantizedWeight(nn.Module):
                                          self.per_axis)
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.qweight.shape)}, bits={self.bits}, axis={self.axis}, offset={self.offset}"
+        return (f"shape={tuple(self.qweight.shape)}, bits={self.bits}, axis={self.axis}, offset={self.offset}, "
+                f"factor={self.factor}")
 
 
 class FloatWeight(nn.Module):

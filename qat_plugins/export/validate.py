@@ -26,9 +26,34 @@ import onnx
 import torch
 from torch import nn
 
+from .int4 import int4_weights_to_int8
+from .layerwise import compare_layers
 from .onnx_export import export_onnx, read_metadata
 
-__all__ = ["ValidationReport", "validate_onnx", "compare_formats", "format_table"]
+__all__ = ["ValidationReport", "validate_onnx", "compare_formats", "format_table", "cpu_info", "ort_session"]
+
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+              "avx512_bf16", "amx_int8", "asimd", "asimddp", "i8mm")
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU model name and its int8-relevant ISA flags from ``/proc/cpuinfo`` (``avx512_vnni`` /
+    ``avx_vnni``: ONNX Runtime's U8S8 kernels are exact and fast; without them they can saturate)."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and val.strip():
+                    name = val.strip()
+                elif key in ("flags", "Features"):
+                    flags |= set(val.split())
+    except OSError:
+        pass
+    return name, [f for f in _ISA_FLAGS if f in flags]
 
 
 @dataclass
@@ -50,6 +75,10 @@ class ValidationReport:
     num_batches: int = 0
     size_ratio_vs_fp32: float | None = None
     latency_ratio_vs_fp32: float | None = None
+    cpu: str = ""
+    cpu_isa: list[str] = field(default_factory=list)
+    first_divergence: str | None = None
+    layerwise: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,7 +108,7 @@ def _batches(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.T
 
 
 def _session(path: Path, providers: Sequence[str] | None, num_threads: int | None,
-             optimized_path: str) -> Any:
+             optimized_path: str, widen_int4: bool = False) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -97,11 +126,42 @@ def _session(path: Path, providers: Sequence[str] | None, num_threads: int | Non
         raise ValueError(f"ONNX Runtime providers {unknown} are not available here; available: "
                          f"{ort.get_available_providers()}")
     try:
+        if widen_int4:  # the deployment path of INT4 files (see ort_session)
+            model = onnx.load(str(path))
+            if int4_weights_to_int8(model, factor=16):
+                return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
         return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
         raise ValueError(f"ONNX Runtime cannot load {path} (corrupt, truncated or not an ONNX model?): "
                          f"{msg}; re-export it with qat_plugins.export.export_onnx") from None
+
+
+def ort_session(path: str | os.PathLike[str], *, num_threads: int | None = None,
+                providers: Sequence[str] | None = None, widen_int4: bool = True, int4_factor: int = 16) -> Any:
+    """An ONNX Runtime ``InferenceSession`` of an exported file, the deployment path for INT4 files.
+
+    With ``widen_int4`` (default) INT4/UINT4 weights are widened to INT8/UINT8 in memory first
+    (same values, :func:`~qat_plugins.export.int4.int4_weights_to_int8`), so ORT fuses them into its
+    integer ``QLinearConv`` / ``QGemm`` kernels: the INT4 file is the download, this session runs at
+    INT8 speed. ``int4_factor`` stores them as ``q * 16`` with scale ``/ 16`` (the same values, a more
+    exact int32 bias; pass 8 on x86 CPUs without VNNI). ``num_threads`` sets ORT's intra-op threads.
+    """
+    import onnxruntime as ort
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ONNX file {p} does not exist")
+    model = onnx.load(str(p))
+    if widen_int4:
+        int4_weights_to_int8(model, factor=int4_factor)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if num_threads is not None:
+        so.intra_op_num_threads = num_threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def _check_shape(x: np.ndarray, declared: Sequence[Any], i: int) -> None:
@@ -113,7 +173,7 @@ def _check_shape(x: np.ndarray, declared: Sequence[Any], i: int) -> None:
 
 def validate_onnx(path: str | os.PathLike[str], model: nn.Module, data: Any, *, batch_size: int = 256,
                   providers: Sequence[str] | None = None, num_threads: int | None = None,
-                  repeats: int = 3) -> ValidationReport:
+                  repeats: int = 3, layerwise: bool = True, widen_int4: bool = True) -> ValidationReport:
     """Compare an ONNX file run by ONNX Runtime with ``model`` (eval mode, no grad) on ``data``.
 
     Args:
@@ -128,6 +188,18 @@ def validate_onnx(path: str | os.PathLike[str], model: nn.Module, data: Any, *, 
         num_threads: ORT intra-op threads (default: ORT's choice).
         repeats: timed ORT runs per batch (after one warm-up run); ``latency_ms_p50`` is the
             median over all timed runs.
+        widen_int4: run an INT4 file as it is deployed, widened to INT8 at load
+            (:func:`ort_session`: the fused integer kernels); ``False`` runs the file as stored
+            (ORT 1.32: ``DequantizeLinear`` + float ``Conv``).
+        layerwise: also compare every quantized tensor of the first batch (up to 32 samples)
+            between ORT and PyTorch (:func:`~qat_plugins.export.layerwise.compare_layers`);
+            ``first_divergence`` names the first quantizer (ONNX node, producing op, torch module)
+            whose integers differ by more than one grid step, ``layerwise`` is a one-line summary.
+            Files of registered exporters (NNCF) or from other models report why it was skipped.
+
+    The report also names the CPU and its int8 ISA flags (``cpu``, ``cpu_isa``) and the kernels
+    ORT ran: ``node_counts`` are the operator types of ORT's optimized graph (``QLinearConv``,
+    ``QGemm``, ... are the fused integer kernels; ``DequantizeLinear`` + ``Conv`` run in float).
 
     Raises:
         FileNotFoundError: ``path`` does not exist. ValueError: corrupt ONNX file, input shapes that
@@ -145,7 +217,7 @@ def validate_onnx(path: str | os.PathLike[str], model: nn.Module, data: Any, *, 
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     with tempfile.TemporaryDirectory(prefix="qat_plugins_ort_") as tmp:
         opt_path = os.path.join(tmp, "optimized.onnx")
-        sess = _session(p, providers, num_threads, opt_path)
+        sess = _session(p, providers, num_threads, opt_path, widen_int4)
         node_counts: dict[str, int] = {}
         if os.path.exists(opt_path):
             for node in onnx.load(opt_path, load_external_data=False).graph.node:
@@ -164,6 +236,7 @@ def validate_onnx(path: str | os.PathLike[str], model: nn.Module, data: Any, *, 
         _check_shape(xn, declared, i)
         if i == 0:
             sess.run(None, {in_name: xn})  # warm-up
+            first_x = x.detach().float().cpu()
         out = None
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -190,12 +263,25 @@ def validate_onnx(path: str | os.PathLike[str], model: nn.Module, data: Any, *, 
         weight_format = read_metadata(p).get("weight_format")
     except Exception:  # noqa: BLE001 - metadata is optional
         weight_format = None
+    first, summary = None, None
+    if layerwise:
+        try:
+            cmp = compare_layers(p, model, first_x[:32], providers=providers, num_threads=num_threads,
+                                 widen_int4=widen_int4)
+            summary = cmp.summary()
+            if cmp.first_divergence is not None:
+                d = cmp.first_divergence
+                first = f"{d.onnx_node} (after {d.producer_op}; torch '{d.torch_module}')"
+        except Exception as e:  # noqa: BLE001 - a diagnostic must not fail the validation itself
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            summary = f"layer-by-layer comparison not available: {msg}"
+    cpu, isa = cpu_info()
     return ValidationReport(
         path=str(p), onnx_top1=correct_onnx / n, torch_top1=correct_torch / n, top1_agreement=agree / n,
         max_abs_diff=max_diff, size_bytes=p.stat().st_size, latency_ms_p50=statistics.median(times),
         node_types=sorted(node_counts), num_samples=n, weight_format=weight_format,
         node_counts=dict(sorted(node_counts.items())), providers=list(sess.get_providers()),
-        num_batches=len(times) // repeats)
+        num_batches=len(times) // repeats, cpu=cpu, cpu_isa=isa, first_divergence=first, layerwise=summary)
 
 
 def _float_reference(model: nn.Module) -> nn.Module:

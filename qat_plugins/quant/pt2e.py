@@ -88,6 +88,7 @@ __all__ = [
     "LowBitQuantizer",
     "prepare_qat_pt2e_model",
     "pt2e_module_name",
+    "is_fake_quant_node",
     "pt2e_module_output",
     "pt2e_fake_quantizers",
     "set_pt2e_train",
@@ -167,6 +168,11 @@ def _is_fq_node(node: torch.fx.Node) -> bool:
         return _is_fq_module(gm.get_submodule(str(node.target)))
     except AttributeError:
         return False
+
+
+def is_fake_quant_node(node: torch.fx.Node) -> bool:
+    """Whether ``node`` calls a fake quantizer / observer module (``activation_post_process_N``)."""
+    return _is_fq_node(node)
 
 
 def pt2e_module_name(node: torch.fx.Node) -> str | None:
@@ -282,6 +288,8 @@ class LowBitQuantizer(_QuantizerBase):  # type: ignore[misc,valid-type]
             activations; an entry covers its submodules.
         fake_quant_kwargs: extra constructor arguments of the fake quantizers (e.g.
             ``{"init": "lsq"}``), attached with torchao's ``PartialWrapper``.
+        reduce_range: 8-bit weights on the 7-bit grid [-64, 63] (*project choice*, default off; for
+            ONNX Runtime's U8S8 kernels on x86 CPUs without VNNI).
 
     Attributes ``config`` and ``config_8bit`` hold the two quantization configs (``input_activation``,
     ``output_activation``, ``weight``, ``bias`` specs).
@@ -289,7 +297,7 @@ class LowBitQuantizer(_QuantizerBase):  # type: ignore[misc,valid-type]
 
     def __init__(self, weight_bits: int, act_bits: int, *, per_channel: bool = True,
                  learnable: bool = True, keep_8bit: Sequence[str] | str = (),
-                 fake_quant_kwargs: dict[str, Any] | None = None) -> None:
+                 fake_quant_kwargs: dict[str, Any] | None = None, reduce_range: bool = False) -> None:
         ao = _torchao()
         super().__init__()
         quant_range(weight_bits, True)
@@ -303,6 +311,7 @@ class LowBitQuantizer(_QuantizerBase):  # type: ignore[misc,valid-type]
             raise TypeError(f"keep_8bit must be module names (non-empty str), got {keep_8bit!r}")
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.per_channel, self.learnable, self.keep_8bit = per_channel, learnable, keep
+        self.reduce_range = bool(reduce_range)
         ctr: Any = LSQFakeQuantize if learnable else MinMaxFakeQuantize
         if fake_quant_kwargs:
             ctr = ao.PartialWrapper(functools.partial(ctr, **fake_quant_kwargs))
@@ -311,7 +320,7 @@ class LowBitQuantizer(_QuantizerBase):  # type: ignore[misc,valid-type]
         self.config_8bit = self._config(ao, 8, 8)
 
     def _config(self, ao: types.SimpleNamespace, wbits: int, abits: int) -> Any:
-        wmin, wmax = quant_range(wbits, True)
+        wmin, wmax = (-64, 63) if self.reduce_range and wbits == 8 else quant_range(wbits, True)
         amin, amax = quant_range(abits, False)
         weight = ao.QuantizationSpec(
             dtype=torch.int8, quant_min=wmin, quant_max=wmax,
@@ -486,6 +495,7 @@ def prepare_qat_pt2e_model(
     per_channel: bool = True,
     learnable: bool = True,
     fake_quant_kwargs: dict[str, Any] | None = None,
+    reduce_range: bool = False,
 ) -> torch.fx.GraphModule:
     """Export a copy of ``model`` and prepare it for QAT with :class:`LowBitQuantizer`.
 
@@ -511,7 +521,8 @@ def prepare_qat_pt2e_model(
     if not example_inputs:
         raise ValueError("example_inputs is empty; pass a batch of inputs as a tuple")
     quantizer = LowBitQuantizer(weight_bits, act_bits, per_channel=per_channel, learnable=learnable,
-                                keep_8bit=tuple(keep_8bit), fake_quant_kwargs=fake_quant_kwargs)
+                                keep_8bit=tuple(keep_8bit), fake_quant_kwargs=fake_quant_kwargs,
+                                reduce_range=reduce_range)
     # a batch of one would be specialised by export (sizes 0/1 are never symbolic): repeat it
     example_inputs = tuple(x.repeat(2, *([1] * (x.dim() - 1)))
                            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1 else x

@@ -10,6 +10,7 @@ import copy
 import math
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -185,8 +186,8 @@ def test_graph_structure(exported, qat_model, arch, mode, wb, ab, fmt):
         assert next(a.i for a in dq.attribute if a.name == "axis") == 0
         if bits <= 4:
             want = onnx.TensorProto.INT4 if fmt == "int4" else onnx.TensorProto.INT8
-        else:  # 8-bit layers stay 8-bit; full signed 8-bit grids stored as UINT8 + 128 (U8U8 kernels)
-            want = onnx.TensorProto.UINT8
+        else:  # 8-bit layers stay 8-bit: signed INT8, zero point 0 (ORT's fast U8S8 kernels)
+            want = onnx.TensorProto.INT8
         assert w.data_type == want, (name, bits)
         assert inits[dq.input[2]].data_type == want
         if want == onnx.TensorProto.INT4:
@@ -196,14 +197,19 @@ def test_graph_structure(exported, qat_model, arch, mode, wb, ab, fmt):
 # --------------------------------------------------------------------------------------------- numerics
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("arch,mode,wb,ab", CASES, ids=CASE_IDS)
-def test_ort_matches_torch(exported, qat_model, digits, arch, mode, wb, ab, fmt):
+def test_ort_matches_torch(exported, qat_model, float_models, digits, arch, mode, wb, ab, fmt):
     path = exported(arch, mode, wb, ab, fmt)
     qat = qat_model(arch, mode, wb, ab)
     report = validate_onnx(path, qat, digits.test, repeats=1)
     assert report.num_samples == len(digits.test)
     assert report.top1_agreement >= 0.99, report
     assert abs(report.onnx_top1 - report.torch_top1) <= 0.01
-    assert report.torch_top1 > 0.5  # the models did learn something
+    x, y = digits.test.tensors
+    with torch.no_grad():
+        fp_top1 = (float_models[arch].eval()(x).argmax(1) == y).float().mean().item()
+    # 15 QAT steps from the FP model at >= 4 bit: measured within 0.5 points of FP in all 12 cases
+    # (FP 98.4 / 98.7 %); 2 points leaves room for seed noise, a broken fold or grid costs far more
+    assert report.torch_top1 >= fp_top1 - 0.02, (report.torch_top1, fp_top1)
 
     # weights in the file == fake-quantized (BN-folded) PyTorch weights, bit for bit
     ints = decode_onnx_weights(path)
@@ -314,12 +320,18 @@ def test_int8_weight_type_int8_is_pure_int8(qat_model, digits, tmp_path):
 def test_dynamic_batch(exported, qat_model, digits):
     path = exported("resnet", "eager", 4, 8, "int8")
     qat = qat_model("resnet", "eager", 4, 8)
-    for n in (1, 7, 300):
-        x = digits.test.tensors[0][:n]
-        out = _run(path, x.numpy())
+    x = digits.test.tensors[0][:300]
+    full = _run(path, x.numpy())
+    assert full.shape == (300, 10)
+    with torch.no_grad():
+        # the full-split agreement with PyTorch is test_ort_matches_torch's; here the same bar on 300
+        assert (full.argmax(1) == qat(x).argmax(1).numpy()).mean() >= 0.99
+    for n in (1, 7):
+        out = _run(path, x[:n].numpy())
         assert out.shape == (n, 10)
-        with torch.no_grad():
-            assert (out.argmax(1) == qat(x).argmax(1).numpy()).mean() >= 0.95
+        # every sample's result is independent of the batch it came in: ORT's integer kernels are
+        # exact per sample, so equal up to float32 rounding of the final dequantization
+        np.testing.assert_allclose(out, full[:n], rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- sizes
@@ -464,16 +476,22 @@ def test_error_bad_paths(qat_model, digits, tmp_path):
         export_onnx(qat, tmp_path, x)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
 def test_error_unwritable_directory(qat_model, digits, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+    # root ignores directory permissions (here and in CI), but no one may create files in sysfs; as
+    # another user a read-only directory of our own does it
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    ro = Path("/sys") if root else tmp_path / "ro"
+    if not root:
+        ro.mkdir()
+        ro.chmod(0o500)
+    assert ro.is_dir()
     try:
         with pytest.raises(PermissionError, match="cannot write to directory"):
             export_onnx(qat_model("cnn", "eager", 4, 8), ro / "m.onnx", digits.test.tensors[0][:2])
     finally:
-        ro.chmod(0o700)
+        if not root:
+            ro.chmod(0o700)
+    assert not (ro / "m.onnx").exists()
 
 
 def test_error_converted_and_uninitialised_models(float_models, qat_model, digits, tmp_path):
