@@ -12,8 +12,8 @@ does the steps by hand, with your own training loop:
 2. ``from_config(fp_model, CONFIG, calibration_data)`` -> the NNCF QAT model with the regularizers
    attached (``setup.regularizers``, a ``RegularizerSet``; the float model is their frozen teacher);
 3. a short loop: ``loss = cross_entropy + regs.loss(x, y, out)``;
-4. ``regs.detach()``, ``qat_plugins.export.export_onnx`` (NNCF models go to NNCF's QDQ exporter) and
-   ``validate_onnx`` in ONNX Runtime.
+4. ``regs.detach()``, ``qat_plugins.export.export_onnx`` (NNCF models go to the exporter the NNCF
+   plugin registered: the same fused QDQ graph as torch.ao models) and ``validate_onnx`` in ONNX Runtime.
 
 The command-line equivalent (FP training, the trainer's QAT loop with checkpoints / ``--resume``,
 ``nncf_qat.pt``, ONNX export + ORT validation, ``results.json``)::
@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from qat_plugins.export import export_onnx, validate_onnx
-from qat_plugins.integrations.nncf_config import from_config
-from qat_plugins.integrations.nncf_train import train_config
+from qat_plugins.integrations import nncf as qn
 from qat_plugins.training import build_fp_model, evaluate, load_data, train_fp
 
 CONFIG = pathlib.Path(__file__).with_name("nncf_config_qat.json")
@@ -44,14 +43,14 @@ def main() -> None:
     torch.set_num_threads(1)
 
     # 1. data + float model, from the config's qat_plugins.train section (a TrainConfig)
-    cfg = train_config(CONFIG)
+    cfg = qn.train_config(CONFIG)
     data = load_data(cfg)
     fp_model = build_fp_model(cfg, data)
     train_fp(fp_model, data, cfg)
     print(f"FP test accuracy:            {evaluate(fp_model, data.test):.2%}")
 
     # 2. NNCF QAT model + attached regularizers (calibration: the first 300 training samples)
-    setup = from_config(fp_model, CONFIG, data.train)
+    setup = qn.from_config(fp_model, CONFIG, data.train)
     model, regs = setup.model, setup.regularizers
     print(f"W4A4 after nncf.quantize:    {evaluate(model, data.test):.2%}   "
           f"(regularizers: {', '.join(r.name for r in regs)})")

@@ -1,1 +1,6 @@
-"""Integrations with third-party compression toolkits (optional dependencies, imported lazily)."""
+"""Plugins for third-party compression toolkits; importing this package registers them (NNCF is imported
+only when an NNCF function runs)."""
+
+from . import nncf
+
+__all__ = ["nncf"]

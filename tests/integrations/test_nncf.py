@@ -19,7 +19,7 @@ import nncf  # noqa: E402
 
 from qat_plugins.data import load_digits_split  # noqa: E402
 from qat_plugins.integrations import nncf as qn  # noqa: E402
-from qat_plugins.integrations.nncf_config import NNCFQATSetup, from_config, validate_config  # noqa: E402
+from qat_plugins.integrations.nncf import NNCFQATSetup, from_config, validate_config  # noqa: E402
 from qat_plugins.models import SmallResNet  # noqa: E402
 from qat_plugins.regularizers import RegularizerSet, build_regularizer  # noqa: E402
 
@@ -96,7 +96,7 @@ def _accuracy(model, ds):
 
 # --------------------------------------------------------------------------------------------------
 def test_import_guard(monkeypatch, digits):
-    code = ("import sys, qat_plugins, qat_plugins.integrations.nncf, qat_plugins.integrations.nncf_config; "
+    code = ("import sys, qat_plugins, qat_plugins.integrations.nncf, qat_plugins.integrations.nncf.config; "
             "assert 'nncf' not in sys.modules, 'nncf imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     monkeypatch.setitem(sys.modules, "nncf", None)  # as if NNCF were not installed
@@ -240,8 +240,13 @@ def test_sequential_is_wrapped_with_a_warning(digits):
     assert isinstance(qn.resolve(q, "0"), nn.Conv2d) and isinstance(qn.resolve(q, "5"), nn.Linear)
     assert set(seq.state_dict()) <= set(q.state_dict())
     assert [qi.num_bits for qi in qn.nncf_quantizers(q) if qi.kind == "weight"] == [8, 8]  # first = last
+    x = digits.test.tensors[0]
     with torch.no_grad():
-        assert q.eval()(digits.test.tensors[0][:3]).shape == (3, 10)
+        ref, out = seq(x), q.eval()(x)
+    # all quantizers at 8 bit (first = last): the quantized wrapper computes the float Sequential up to
+    # rounding error; measured max |difference| 9.2 % of the largest logit (untrained, 4 channels),
+    # a wrong child order / missing BN fold / 4-bit weights give differences of the logits' own size
+    assert (out - ref).abs().max() <= 0.15 * ref.abs().max(), ((out - ref).abs().max(), ref.abs().max())
 
 
 def test_config_flow(cfg_setup, digits):
@@ -264,7 +269,10 @@ def test_config_flow(cfg_setup, digits):
     acts = [q for q in qs if q.kind == "activation"]
     assert any(q.scheme == "asymmetric" for q in acts)  # preset "mixed"
     assert {q.num_bits for q in qs if q.module_name == "layer2.conv1"} == {4}
-    assert setup.model.training and _accuracy(setup.model, digits.test) > 0.5
+    assert setup.model.training
+    # W4A4 straight after calibration, before any QAT: measured 94.0 % vs FP 94.9 %; 5 points is the
+    # budget for 4-bit rounding, a lost BN fold / wrong bit width / 8-bit activation ranges cost more
+    assert _accuracy(setup.model, digits.test) >= _accuracy(setup.fp_model, digits.test) - 0.05
     setup.model.train()
 
 
@@ -345,13 +353,22 @@ def test_checkpoint_round_trip(cfg_setup, digits, tmp_path):
 
 
 def _ort_agreement(path, model, ds):
+    """Top-1 agreement of ORT *without graph optimizations* (the QDQ graph as written) and the model.
+
+    The file itself must be exact: Q/DQ reproduce NNCF's grids, so only float summation order differs
+    (max |diff| far below a logit step). ORT's fused integer kernels requantize with their own rounding;
+    their agreement is checked on a trained model in test_nncf_plugin.py / test_nncf_flow.py.
+    """
     import onnxruntime as ort
 
     x, _ = ds.tensors
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         ref = model.eval()(x).numpy()
+    assert abs(out - ref).max() <= 1e-2 * abs(ref).max()  # a few elements one grid step apart at ties
     return float((out.argmax(1) == ref.argmax(1)).mean())
 
 
@@ -362,7 +379,7 @@ def test_onnx_export_8bit_runs_in_ort(q8, digits, tmp_path):
     path = qn.export_nncf_onnx(q8, tmp_path / "q8.onnx", (x[:1],))
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "FakeQuantize" not in ops
-    assert _ort_agreement(path, q8, digits.test) >= 0.99
+    assert _ort_agreement(path, q8, digits.test) == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q8.onnx"]
     q8.train()
 
@@ -376,9 +393,10 @@ def test_onnx_export_int4_weights(cfg_setup, q8, digits, tmp_path):
     proto = onnx.load(str(path))
     dtypes = {onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer}
     assert "INT4" in dtypes and "INT8" in dtypes  # 4-bit layers packed, 8-bit first/last layers stay int8
-    assert _ort_agreement(path, model, digits.test) >= 0.99
-    with pytest.raises(ValueError, match="at most 4 bits"):
-        qn.export_nncf_onnx(q8, tmp_path / "bad.onnx", (x[:1],), weight_format="int4")
-    assert not (tmp_path / "bad.onnx").exists()
+    assert _ort_agreement(path, model, digits.test) == 1.0
+    with pytest.warns(UserWarning, match="no weight quantizer has <= 4 bits"):  # the core exporter's rule
+        qn.export_nncf_onnx(q8, tmp_path / "q8_int4.onnx", (x[:1],), weight_format="int4")
+    proto8 = onnx.load(str(tmp_path / "q8_int4.onnx"))
+    assert "INT4" not in {onnx.TensorProto.DataType.Name(t.data_type) for t in proto8.graph.initializer}
     model.train()
     q8.train()

@@ -17,8 +17,8 @@ os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "600")  # first use compile
 from qat_plugins.cli import main  # noqa: E402
 from qat_plugins.export import export_onnx, read_metadata, validate_onnx  # noqa: E402
 from qat_plugins.integrations import nncf as qn  # noqa: E402
-from qat_plugins.integrations import nncf_config  # noqa: E402
-from qat_plugins.integrations.nncf_config import from_config  # noqa: E402
+from qat_plugins.integrations.nncf import config as nncf_config  # noqa: E402
+from qat_plugins.integrations.nncf import from_config  # noqa: E402
 from qat_plugins.models import SmallResNet  # noqa: E402
 from qat_plugins.regularizers import RegularizerSet  # noqa: E402
 
@@ -107,16 +107,16 @@ def test_export_onnx_routes_nncf_models(trained, digits, tmp_path):
     x = digits.test.tensors[0]
     path = export_onnx(model, tmp_path / "cr_int8.onnx", x[:1])
     meta = read_metadata(path)
-    assert meta["weight_format"] == "int8" and meta["exporter"] == "qat_plugins.integrations.nncf"
+    assert meta["weight_format"] == "int8" and meta["weight_bits"] == "4,8"  # the core exporter's metadata
     report = validate_onnx(path, model, digits.test, num_threads=1)
     assert report.num_samples == len(x) and report.weight_format == "int8"
     assert report.top1_agreement >= 0.99 and report.onnx_top1 > 0.8, report
     with pytest.raises(ValueError, match="weight_format"):
-        export_onnx(model, tmp_path / "fp.onnx", x[:1], weight_format="fp32")
+        export_onnx(model, tmp_path / "fp.onnx", x[:1], weight_format="fp16")
 
 
 BAD = [
-    ([{"name": "nope"}], "qat_plugins.regularizers[0].name: unknown regularizer 'nope'; known: ['br', 'cr', 'fpq']"),
+    ([{"name": "nope"}], "qat_plugins.regularizers[0].name: unknown regularizer 'nope'; known: ['br', 'cr', 'fpq', 'kd']"),
     ([{"name": "cr", "layers": ["layer1", "layer9"]}], "qat_plugins.regularizers[0].layers[1]: no module 'layer9'"),
     ([{"name": "cr"}, {"name": "br", "blocks": ["layer1", "layer2.conv7"]}],
      "qat_plugins.regularizers[1].blocks[1]: no module 'layer2.conv7'"),
@@ -138,7 +138,7 @@ def test_bad_entries_fail_before_quantizing(qp, message, fp_resnet, digits, monk
     def never(*a, **k):
         raise AssertionError("nncf.quantize must not run for an invalid config")
 
-    monkeypatch.setattr(nncf_config._q, "prepare_qat", never)
+    monkeypatch.setattr(nncf_config, "prepare_qat", never)
     with pytest.raises(ValueError) as info:
         from_config(copy.deepcopy(fp_resnet), {**W4A4, "qat_plugins": qp}, digits.train)
     assert str(info.value).startswith(message), str(info.value)
@@ -173,9 +173,13 @@ def test_cli_train_end_to_end(cli_run, capsys):
     assert [r["name"] for r in res["regularizers"]] == ["cr", "br"]
     assert res["regularizers"][1]["seed"] == 0  # BR's sampler seeded from train.seed: reproducible runs
     assert res["config"]["qat_plugins"]["train"]["epochs"] == 1 and len(res["history"]) == 1
-    assert 0 <= res["test_accuracy"] <= 1 and res["fp_test_accuracy"] > 0.1
-    v = res["onnx"]["validation"]
-    assert res["onnx"]["weight_format"] == "int8" and v["top1_agreement"] >= 0.99 and v["num_samples"] == 450
+    # accuracies are counts over the whole 450-image test split (the tiny FP run itself is near chance:
+    # measured 15.6 %, QAT 36.2 %; the QAT value is recomputed by hand from the checkpoint below)
+    assert all(abs(res[k] * 450 - round(res[k] * 450)) < 1e-6 for k in ("test_accuracy", "fp_test_accuracy"))
+    v = res["onnx"][0]["validation"]  # results.json lists one report per exported format
+    # ORT's fused kernels requantize with their own rounding; on this near-chance model the report's
+    # agreement is only informative (measured 98.7 %); the file's exactness is checked below without fusion
+    assert res["onnx"][0]["weight_format"] == "int8" and v["num_samples"] == 450 and v["top1_agreement"] >= 0.9
     # the resumable checkpoint: NNCF's own config + state + regularizer state
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["extra"]["nncf_config"]["compression_state"]
@@ -184,12 +188,27 @@ def test_cli_train_end_to_end(cli_run, capsys):
     # the final NNCF checkpoint restores into a fresh float model
     model, extra = qn.load_checkpoint(SmallResNet(width=8), out / "nncf_qat.pt", torch.zeros(1, 1, 8, 8))
     assert qn.is_nncf_model(model) and extra["test_accuracy"] == res["test_accuracy"]
+    # the reported accuracy is the restored model's eval-mode top-1 on digits' test split, by hand
+    from qat_plugins.data import load_digits_split
+
+    x, y = load_digits_split().test.tensors
+    with torch.no_grad():
+        assert res["test_accuracy"] == pytest.approx((model.eval()(x).argmax(1) == y).sum().item() / len(y), abs=1e-12)
+    # the exported file as written (no ORT fusion) computes what the restored NNCF model computes
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    onnx_out = ort.InferenceSession(str(out / "model_int8.onnx"), so).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    assert (onnx_out.argmax(1) == ref.argmax(1)).all() and abs(onnx_out - ref).max() <= 1e-2 * abs(ref).max()
     # bad entries fail on the command line before any training: one line, exit 2
-    bad = _write(d / "bad.json", {**TINY, "qat_plugins": {**TINY["qat_plugins"], "regularizers": [{"name": "kd"}]}})
+    bad = _write(d / "bad.json", {**TINY, "qat_plugins": {**TINY["qat_plugins"], "regularizers": [{"name": "nope"}]}})
     capsys.readouterr()
     assert main(["-q", "train", "--config", str(bad), "--output-dir", str(d / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "qat_plugins.regularizers[0].name: unknown regularizer 'kd'; known: ['br', 'cr', 'fpq']" in err[0]
+    assert len(err) == 1 and "qat_plugins.regularizers[0].name: unknown regularizer 'nope'; known: ['br', 'cr', 'fpq', 'kd']" in err[0]
 
 
 def test_cli_resume_from_nncf_checkpoint(cli_run, capsys):

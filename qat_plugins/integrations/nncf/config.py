@@ -1,128 +1,8 @@
-"""Config-driven NNCF QAT: a legacy-NNCF-style JSON/dict config mapped onto ``nncf.quantize``.
+"""The NNCF-style JSON config (legacy ``NNCFConfig`` layout) mapped onto :func:`prepare_qat` and a run.
 
-NNCF 3.x removed ``NNCFConfig`` / ``create_compressed_model``; :func:`from_config` keeps the familiar
-JSON layout, validates it strictly, calls :func:`qat_plugins.integrations.nncf.prepare_qat` and
-attaches the ``qat_plugins.regularizers`` to the quantized model (the original float model is the
-frozen teacher)::
-
-    setup = from_config(fp_model, "nncf_qat.json", calibration_data)
-    model, regs = setup.model, setup.regularizers           # NNCF QAT model, RegularizerSet
-    out = model(x)
-    loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
-    ...
-    regs.detach()                                            # hooks removed; export model next
-
-The same file runs end to end with ``qat-plugins train --config nncf_qat.json`` (data, FP training,
-QAT, checkpoints, ONNX; :mod:`qat_plugins.integrations.nncf_train`), configured by
-``qat_plugins.train``.
-
-Example::
-
-    {
-      "input_info": {"sample_size": [1, 1, 8, 8]},
-      "compression": {
-        "algorithm": "quantization",
-        "preset": "mixed",
-        "initializer": {"range": {"num_init_samples": 256}},
-        "weights": {"bits": 4},
-        "activations": {"bits": 4},
-        "ignored_scopes": ["layer3.shortcut", "{re}.*fc.*"],
-        "target_device": "CPU"
-      },
-      "qat_plugins": {
-        "regularizers": [{"name": "cr", "weight": 1.0, "layers": ["layer1", "layer2"]},
-                         {"name": "br", "blocks": ["layer1", "layer2", "layer3"]}],
-        "keep_first_last_8bit": true,
-        "train": {"dataset": "digits", "model": "resnet", "width": 16, "fp_epochs": 15, "epochs": 6,
-                  "lr": 0.01, "batch_size": 64, "seed": 0}
-      }
-    }
-
-Field mapping (``compression`` may be one dict or a list holding exactly one quantization entry;
-paths below use ``compression[0]`` for either form, messages use the form given):
-
-=============================================  ==========================================================
-config field                                   effect
-=============================================  ==========================================================
-``input_info.sample_size`` (list of ints)      ``input_shape``; example input ``torch.zeros(sample_size)``
-                                               for graph tracing; must match the calibration inputs
-                                               (all but the batch dim) and run through the model
-``input_info`` as a one-element list           same as the dict (several inputs are rejected)
-``compression[0].algorithm``                   must be ``"quantization"`` -> ``nncf.quantize``; any other
-                                               algorithm (``"magnitude_sparsity"``, ``"filter_pruning"``,
-                                               ...) is rejected
-``compression[0].preset``                      ``"performance"`` / ``"mixed"`` ->
-                                               ``nncf.quantize(preset=nncf.QuantizationPreset(...))``
-                                               (default: NNCF's choice, performance for CNNs)
-``compression[0].initializer.range.``          ``prepare_qat(subset_size=...)``: number of calibration
-``num_init_samples`` (int >= 1)                samples (batches are trimmed to it; default 300)
-``compression[0].weights.bits`` (2..8)         ``prepare_qat(weight_bits=...)``
-``compression[0].activations.bits`` (2..8)     ``prepare_qat(act_bits=...)``
-``compression[0].ignored_scopes`` (strings)    ``nncf.quantize(ignored_scope=nncf.IgnoredScope(names=...,
-                                               patterns=...))``: module name ``"layer3.shortcut"`` ->
-                                               pattern ``^layer3/shortcut/``; NNCF 3.x op name
-                                               ``"layer1/conv1/conv2d/0"`` -> ``names``; NNCF 2.x scope
-                                               ``"Net/BasicBlock[layer1]/Conv2d[conv1]/conv2d_0"`` ->
-                                               module ``layer1.conv1``; ``"{re}<regex>"`` -> ``patterns``
-``compression[0].target_device`` or            ``nncf.quantize(target_device=nncf.TargetDevice[...])``:
-top-level ``target_device``                    ANY, CPU, GPU, NPU (CPU_SPR is not supported by the
-                                               torch backend; both given and different is an error).
-                                               NNCF itself treats GPU/NPU as CPU for its 8-bit
-                                               insertion step.
-``qat_plugins.regularizers`` (list of dicts)   ``regularizers_factory(entries)`` (default
-                                               :func:`qat_plugins.regularizers.build_regularizers`),
-                                               attached with ``qat_plugins.attach(model, regs,
-                                               fp_model=<the float model>)`` ->
-                                               ``NNCFQATSetup.regularizers`` (a ``RegularizerSet``).
-                                               Each entry: ``name`` (``cr``, ``fpq``, ``br`` or a
-                                               registered name; unknown names list the known ones),
-                                               ``weight`` (number >= 0, default 1.0), the
-                                               regularizer's options (``layers``, ``blocks``, ``p``,
-                                               ``teacher``, ...; unknown options list the allowed
-                                               ones). ``layers`` / ``blocks`` entries must name
-                                               modules of the model (``layers`` also takes
-                                               ``"output"`` and ``"<module>:input"``).
-``qat_plugins.keep_first_last_8bit`` (bool)    ``prepare_qat(keep_first_last_8bit=...)`` (default true)
-``qat_plugins.train`` (object)                 the training run of ``qat-plugins train --config``
-                                               (:func:`qat_plugins.integrations.nncf.run_config`);
-                                               ignored by :func:`from_config`. Schema below.
-=============================================  ==========================================================
-
-``qat_plugins.train`` (every key optional; defaults in brackets; each maps onto a field of
-:class:`qat_plugins.training.TrainConfig` and is checked by the same rule, so the FP pre-training
-and the QAT loop are those of :mod:`qat_plugins.training`)::
-
-    seed: int >= 0                                   [0]        -> seed
-    dataset: digits | fashion-mnist | idx            [digits]   -> data.name
-    data_dir: directory or null (idx, fashion-mnist) [null]     -> data.data_dir
-    limit_train: int >= 1 or null (first N samples)  [null]     -> data.limit_train
-    batch_size: int 1..65536                         [64]       -> data.batch_size
-    model: resnet | cnn                              [resnet]   -> model.name
-    width: int 1..1024                               [16]       -> model.width
-    fp_epochs: int >= 0 (FP pre-training, Adam)      [15]       -> fp.epochs
-    fp_lr: number > 0                                [0.01]     -> fp.lr
-    epochs: int >= 1 (QAT fine-tuning, SGD)          [6]        -> qat.epochs
-    lr: number > 0                                   [0.01]     -> qat.lr
-    momentum: number in [0, 1)                       [0.9]      -> qat.momentum
-    weight_decay: number >= 0 (conv/linear weights)  [5e-05]    -> qat.weight_decay
-    schedule: cosine | constant (per step)           [cosine]   -> qat.schedule
-    augment: bool (augment the student's inputs)     [false]    -> qat.augment
-    checkpoint_every: int >= 0 QAT steps (0: epochs) [0]        -> checkpoint_every
-    nan_policy: raise | skip                         [raise]    -> nan_policy
-    num_threads: int >= 1 or null                    [1]        -> num_threads
-    output_dir: directory (--output-dir overrides)   [runs/nncf] -> output_dir
-    export: int8 | int4 | null (ONNX of the result)  [int8]     (run_config only)
-
-``augment`` defaults to false (unlike ``TrainConfig``): CR augments the inputs itself. ``seed`` also
-seeds a regularizer entry that takes a ``seed`` option and sets none (BR's block sampler), so the same
-config twice gives the same weights. The quantization settings (bits, preset, ...) come from
-``compression``, the regularizers from ``qat_plugins.regularizers``; the dataset's inputs must match
-``input_info.sample_size`` (checked, with the module names, before the FP training starts).
-
-Anything else -- unknown keys at any level (e.g. ``weights.mode``, ``initializer.batchnorm_adaptation``,
-``scope_overrides``), wrong types, bits outside 2..8, a ``sample_size`` the model or the calibration
-data does not fit -- raises ``ValueError`` whose message starts with the field path, e.g.
-``compression[0].weights.bits: must be an int from 2 to 8, got 9``.
+:func:`validate_config` checks every field (``ValueError`` starting with the field path);
+``qat_plugins.train`` is checked by :func:`qat_plugins.training.load_config`, the one training-config
+validator. Field table and defaults: docs/nncf.md.
 """
 
 from __future__ import annotations
@@ -137,11 +17,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..regularizers import Regularizer, RegularizerSet, attach, build_regularizers
-from ..regularizers.registry import build_regularizer
-from . import nncf as _q
+from ...regularizers import Regularizer, RegularizerSet, attach, build_regularizers
+from ...regularizers.registry import build_regularizer
+from ...training.config import TrainConfig, load_config
+from ._compat import require_nncf, wrap_sequential
+from .prepare import DEFAULT_SUBSET, calibration_items, make_ignored_scope, model_inputs, prepare_qat
+from .quantizers import nncf_module_names
 
-__all__ = ["NNCFQATSetup", "from_config", "validate_config", "TRAIN_FIELDS", "EXPORT_FORMATS"]
+__all__ = ["NNCFQATSetup", "from_config", "validate_config", "validate_for_model", "prepare_from_config",
+           "to_train_config", "TRAIN_FIELDS", "EXPORT_FORMATS"]
 
 _TOP_KEYS = ("input_info", "compression", "target_device", "qat_plugins")
 _COMPRESSION_KEYS = ("algorithm", "preset", "initializer", "weights", "activations", "ignored_scopes",
@@ -308,7 +192,7 @@ def _check_module_names(names: Any, path: str, mods: dict[str, nn.Module] | None
         if taps and base == "output":
             continue
         if mods is not None and (base not in mods or base == ""):
-            known = _q.nncf_module_names(model)[:15]  # type: ignore[arg-type]
+            known = nncf_module_names(model)[:15]  # type: ignore[arg-type]
             raise _err(f"{path}[{j}]", f"no module {base!r} in {type(model).__name__}; modules include {known}")
 
 
@@ -337,23 +221,42 @@ def _regularizer_entries(regs: Any, model: nn.Module | None, *, build: bool) -> 
 
 
 def _train_section(raw: Any) -> dict[str, Any]:
-    """``qat_plugins.train`` checked with TrainConfig's rules and completed with the defaults."""
-    from ..training.config import _FIELDS  # noqa: PLC0415 - the TrainConfig field rules
-
+    """``qat_plugins.train`` completed with the defaults and checked by the training-config validator."""
     path = "qat_plugins.train"
     _check_keys(raw, path, tuple(TRAIN_FIELDS))
-    out = {}
-    for key, (section, name, default) in TRAIN_FIELDS.items():
-        value = raw.get(key, default)
-        if section is None:  # export
-            if value is not None and value not in EXPORT_FORMATS:
-                raise _err(f"{path}.{key}", f"must be one of {', '.join(EXPORT_FORMATS)} or null, got {value!r}")
-            out[key] = value
-        else:
-            out[key] = _FIELDS[section][name](f"{path}.{key}", value)  # type: ignore[index]
-    if out["dataset"] == "idx" and not out["data_dir"]:
-        raise _err(f"{path}.data_dir", "required when dataset is 'idx' (a directory of MNIST-layout idx files)")
+    out = {key: raw.get(key, default) for key, (_s, _n, default) in TRAIN_FIELDS.items()}
+    if out["export"] is not None and out["export"] not in EXPORT_FORMATS:
+        raise _err(f"{path}.export", f"must be one of {', '.join(EXPORT_FORMATS)} or null, got {out['export']!r}")
+    to_train_config(out)
     return out
+
+
+def to_train_config(train: Mapping[str, Any], **qat: Any) -> TrainConfig:
+    """The :class:`~qat_plugins.training.TrainConfig` of a ``qat_plugins.train`` section (``qat`` adds
+    ``qat.*`` fields); errors name ``qat_plugins.train.<key>``."""
+    d: dict[str, Any] = {"data": {}, "model": {}, "fp": {}, "qat": dict(qat)}
+    where: dict[str, str] = {}
+    for key, (section, name, _default) in TRAIN_FIELDS.items():
+        if section is None:
+            continue
+        if section == "":
+            d[name] = train[key]
+            where[name] = key
+        else:
+            d[section][name] = train[key]
+            where[f"{section}.{name}"] = key
+    d["export"] = [train["export"]] if train.get("export") else []
+    where["export"] = "export"
+    try:
+        cfg = load_config(d)
+    except ValueError as e:
+        msg = str(e)
+        for field in sorted(where, key=len, reverse=True):
+            if msg.startswith(field + ":") or msg.startswith(field + "["):
+                raise _err(f"qat_plugins.train.{where[field]}", msg[len(field):].lstrip(":[ ")) from None
+        raise
+    assert isinstance(cfg, TrainConfig)
+    return cfg
 
 
 def _validate(config: Any, model: nn.Module | None, *,
@@ -371,7 +274,7 @@ def _validate(config: Any, model: nn.Module | None, *,
     preset = entry.get("preset", "performance")
     if preset not in ("performance", "mixed"):
         raise _err(f"{path}.preset", f"must be 'performance' or 'mixed', got {preset!r}")
-    num_init = _q._DEFAULT_SUBSET
+    num_init = DEFAULT_SUBSET
     if "initializer" in entry:
         init = _check_keys(entry["initializer"], f"{path}.initializer", ("range",))
         if "range" in init:
@@ -409,7 +312,7 @@ def _validate(config: Any, model: nn.Module | None, *,
     norm_regs = _regularizer_entries(qp.get("regularizers", []), model, build=check_regularizers)
     train = _train_section(qp.get("train", {}))
     if model is not None and scopes:
-        _q.make_ignored_scope(model, scopes, field=f"{path}.ignored_scopes")
+        make_ignored_scope(model, scopes, field=f"{path}.ignored_scopes")
 
     return {
         "input_info": {"sample_size": sample_size},
@@ -428,8 +331,8 @@ def _validate(config: Any, model: nn.Module | None, *,
 
 
 def _check_input(model: nn.Module, sample_size: list[int], calibration_data: Any) -> None:
-    items = _q._calibration_items(calibration_data, 1)
-    x = _q._model_inputs(items[0])
+    items = calibration_items(calibration_data, 1)
+    x = model_inputs(items[0])
     if isinstance(x, torch.Tensor) and list(x.shape[1:]) != sample_size[1:]:
         raise _err("input_info.sample_size",
                    f"{sample_size} does not match the calibration inputs, which have shape {[ 'N', *x.shape[1:]]}")
@@ -467,10 +370,10 @@ def from_config(
     entry names and options are then its business (only ``name``, ``weight``, ``layers`` and
     ``blocks`` are checked here).
     """
-    _q._require_nncf()
+    require_nncf()
     if regularizers_factory is not None and not callable(regularizers_factory):
         raise TypeError(f"regularizers_factory must be callable, got {type(regularizers_factory).__name__}")
-    norm, path = _validate_for(model, config, calibration_data, check_regularizers=regularizers_factory is None)
+    norm, path = validate_for_model(model, config, calibration_data, check_regularizers=regularizers_factory is None)
     regs_cfg = copy.deepcopy(norm["qat_plugins"]["regularizers"])
     if regularizers_factory is None:
         regs = build_regularizers(copy.deepcopy(regs_cfg), where="qat_plugins.regularizers")
@@ -479,29 +382,29 @@ def from_config(
         bad = [type(r).__name__ for r in regs if not isinstance(r, Regularizer)]
         if bad:
             raise TypeError(f"regularizers_factory must return qat_plugins Regularizer instances, got {bad}")
-    qmodel = _prepare(model, norm, path, calibration_data)
+    qmodel = prepare_from_config(model, norm, path, calibration_data)
     regset = attach(qmodel, regs, fp_model=model)
     return NNCFQATSetup(model=qmodel, regularizers_config=regs_cfg, nncf_config=norm,
                         input_shape=tuple(norm["input_info"]["sample_size"]), regularizers=regset, fp_model=model)
 
 
-def _validate_for(model: nn.Module, config: Any, calibration_data: Any, *,
+def validate_for_model(model: nn.Module, config: Any, calibration_data: Any, *,
                   check_regularizers: bool = True) -> tuple[dict[str, Any], str]:
     """Validate ``config`` against ``model`` and the calibration data (no quantization yet)."""
-    wrapped = _q._wrap_sequential(model, warn=False)  # names for validation; prepare_qat warns itself
+    wrapped = wrap_sequential(model, warn=False)  # names for validation; prepare_qat warns itself
     norm, path = _validate(config, wrapped, check_regularizers=check_regularizers)
     _check_input(model, norm["input_info"]["sample_size"], calibration_data)
     return norm, path
 
 
-def _prepare(model: nn.Module, norm: dict[str, Any], path: str, calibration_data: Any) -> nn.Module:
+def prepare_from_config(model: nn.Module, norm: dict[str, Any], path: str, calibration_data: Any) -> nn.Module:
     """``prepare_qat`` with the arguments of a normalized config (the one quantization code path)."""
     comp = norm["compression"][0]
     sample_size = norm["input_info"]["sample_size"]
-    wrapped = _q._wrap_sequential(model, warn=False)
-    scope = _q.make_ignored_scope(wrapped, comp["ignored_scopes"], field=f"{path}.ignored_scopes") \
+    wrapped = wrap_sequential(model, warn=False)
+    scope = make_ignored_scope(wrapped, comp["ignored_scopes"], field=f"{path}.ignored_scopes") \
         if comp["ignored_scopes"] else None
-    return _q.prepare_qat(
+    return prepare_qat(
         model, calibration_data,
         weight_bits=comp["weights"]["bits"], act_bits=comp["activations"]["bits"],
         preset=comp["preset"], ignored_scope=scope, target_device=comp["target_device"],
