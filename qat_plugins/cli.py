@@ -17,6 +17,7 @@ the run's own ``checkpoint.pt``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -80,9 +81,19 @@ def _rank() -> int:
 
 
 def _fail(message: str) -> int:
-    r = _rank()  # under torchrun every rank reports its own error; tag those of ranks > 0
-    print(f"{PROG}: error: {f'[rank {r}] ' if r else ''}{message}", file=sys.stderr)
+    if os.environ.get("QAT_PLUGINS_DEBUG") and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
+    _error_line(message)
     return 2
+
+
+def _error_line(message: str) -> None:
+    """One ``qat-plugins: error:`` line in a single write (ranks sharing a pipe cannot interleave it)."""
+    r = _rank()  # under torchrun every rank reports its own error; tag those of ranks > 0
+    sys.stderr.write(f"{PROG}: error: {f'[rank {r}] ' if r else ''}{message}\n")
+    sys.stderr.flush()
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -118,6 +129,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training.config import is_nncf_config
 
     raw = read_config_file(args.config)
+    if args.nproc_per_node is not None:
+        if is_nncf_config(raw):
+            raise ValueError("--nproc-per-node: NNCF-style configs run in a single process")
+        load_config(args.config)  # one line in this process, before any worker starts
+        return _launch_workers(args)
     if is_nncf_config(raw):
         return _run_nncf_config(args)
     cfg = load_config(args.config)
@@ -130,8 +146,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
     fp = result.fp_test_accuracy
     _out(f"FP test top-1 {100 * fp:.2f}%  |  QAT W{cfg.qat.weight_bits}A{cfg.qat.act_bits} test top-1 "  # type: ignore[union-attr]
          f"{100 * result.test_accuracy:.2f}%  |  {1000 * result.mean_step_time:.1f} ms/step")
+    for rep in result.onnx:
+        v = rep["validation"]
+        _out(f"ONNX {rep['weight_format']}: ORT top-1 {100 * v['onnx_top1']:.2f}%, agreement with PyTorch "
+             f"{100 * v['top1_agreement']:.2f}%" + (f"  ({rep['path']})" if rep["path"] else ""))
     if out:
         _out(f"results: {Path(out) / 'results.json'}  checkpoint: {Path(out) / 'checkpoint.pt'}")
+    return 0
+
+
+def _launch_workers(args: argparse.Namespace) -> int:
+    """``train --nproc-per-node N``: torchrun's launcher on this machine, without its failure report.
+
+    Each worker prints its own one-line error; a worker that dies without one (a signal) is reported here.
+    """
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    argv = [a for a in args.raw_argv]
+    i = argv.index("--nproc-per-node")
+    del argv[i:i + 2]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc_per_node, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    for name in list(logging.root.manager.loggerDict):  # its per-failure log lines repeat the workers' errors
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, sys.executable)("-m", "qat_plugins", *argv)
+    except ChildFailedError as e:
+        codes = {r: f.exitcode for r, f in e.failures.items()}
+        if 2 in codes.values():  # a worker reported a user error (the launcher then stops the others: SIGTERM)
+            return 2
+        if all(c in (130, 143) for c in codes.values()):  # each printed its own interruption line
+            return max(codes.values())
+        shown = ", ".join(f"rank {r}: {'signal ' + str(-c) if c < 0 else 'exit code ' + str(c)}"
+                          for r, c in sorted(codes.items()))
+        raise ValueError(f"training workers failed ({shown}); the output directory is intact: continue with "
+                         "--resume") from None
     return 0
 
 
@@ -183,80 +237,72 @@ def run_demo(output_dir: str | Path = "runs/demo", *, quick: bool = False) -> di
     Writes ``results.json`` and the ONNX files into ``output_dir`` (refusing to overwrite) and
     returns the results dict. ``quick`` trains fewer epochs (for tests).
     """
-    import torch
-
-    from .training import build_fp_model, evaluate, load_config, load_data, train_fp, train_qat, update_config
-    from .training.trainer import prepare_output_dir, write_json
+    from .training import (export_and_validate, load_config, load_data, lock_output_dir, prepare_output_dir, run,
+                           update_config, write_json)
 
     t_start = time.perf_counter()
     export_mod, export_missing = _export_available()
     formats = DEMO_EXPORT_FORMATS if export_mod is not None else ()
-    out = prepare_output_dir(output_dir, outputs=_demo_outputs(formats))
     cfg = load_config(DEMO_CONFIG)
     if quick:
         cfg = update_config(cfg, DEMO_QUICK_CHANGES)
     cfg_cr = update_config(cfg, {"regularizers": DEMO_REGULARIZERS})
-    assert cfg.num_threads is not None
-    torch.set_num_threads(cfg.num_threads)
     log = logging.getLogger("qat_plugins.training")
 
-    data = load_data(cfg)
-    fp = build_fp_model(cfg, data)
-    log.info("demo: FP training, SmallResNet(width=%d) on %s (%d train / %d test)", cfg.model.width, data.name,
-             len(data.train), len(data.test))
-    t = time.perf_counter()
-    train_fp(fp, data, cfg)
-    fp_time = time.perf_counter() - t
-    fp_acc = evaluate(fp, data.test)
-    log.info("demo: W4A4 QAT, LSQ baseline")
-    lsq = train_qat(fp, data, cfg)
-    log.info("demo: W4A4 QAT, LSQ + consistency regularization (CR defaults)")
-    cr = train_qat(fp, data, cfg_cr)
+    lock = lock_output_dir(output_dir, what="demo")
+    with contextlib.ExitStack() as stack:
+        stack.callback(lock.release)
+        out = prepare_output_dir(output_dir, outputs=_demo_outputs(formats))
+        log.info("demo: FP training + W4A4 QAT, LSQ baseline (SmallResNet(width=%d) on digits)", cfg.model.width)
+        lsq = run(cfg)
+        log.info("demo: W4A4 QAT, LSQ + consistency regularization (CR defaults), same FP model")
+        cr = run(cfg_cr, fp_model=lsq.fp_model)
+        fp_acc = lsq.fp_test_accuracy
+        assert fp_acc is not None
 
-    rows = [("FP32", fp_acc, None, fp_time), ("W4A4 LSQ", lsq.test_accuracy, lsq.mean_step_time, None),
-            ("W4A4 LSQ + CR", cr.test_accuracy, cr.mean_step_time, None)]
-    _out()
-    _out(f"{'model':<15} {'test top-1':>10} {'vs FP':>7} {'ms/step':>8}")
-    _out(f"{'-' * 15} {'-' * 10} {'-' * 7} {'-' * 8}")
-    for name, acc, step, _ in rows:
-        delta = "-" if name == "FP32" else f"{100 * (acc - fp_acc):+.2f}"
-        ms = "-" if step is None else f"{1000 * step:.1f}"
-        _out(f"{name:<15} {100 * acc:>9.2f}% {delta:>7} {ms:>8}")
+        rows = [("FP32", fp_acc, None), ("W4A4 LSQ", lsq.test_accuracy, lsq.mean_step_time),
+                ("W4A4 LSQ + CR", cr.test_accuracy, cr.mean_step_time)]
+        _out()
+        _out(f"{'model':<15} {'test top-1':>10} {'vs FP':>7} {'ms/step':>8}")
+        _out(f"{'-' * 15} {'-' * 10} {'-' * 7} {'-' * 8}")
+        for name, acc, step in rows:
+            delta = "-" if name == "FP32" else f"{100 * (acc - fp_acc):+.2f}"
+            ms = "-" if step is None else f"{1000 * step:.1f}"
+            _out(f"{name:<15} {100 * acc:>9.2f}% {delta:>7} {ms:>8}")
 
-    onnx_reports: list[dict[str, Any]] = []
-    if export_mod is None:
-        _out(f"\nONNX export skipped: qat_plugins.export is not available ({export_missing})")
-    else:
-        tables = []
-        x_example = data.test.tensors[0][:1]
-        for tag, title, res in (("lsq", "W4A4 LSQ", lsq), ("cr", "W4A4 LSQ + CR", cr)):
-            reports = []
-            for fmt in formats:
-                path = out / f"w4a4_{tag}_{fmt}.onnx"
-                log.info("demo: exporting %s and validating it in ONNX Runtime", path.name)
-                export_mod.export_onnx(res.model, path, x_example, weight_format=fmt)
-                rep = export_mod.validate_onnx(path, res.model, data.test, num_threads=cfg.num_threads)
-                reports.append(rep)
-                onnx_reports.append({"model": f"w4a4_{tag}", **rep.to_dict()})
-            tables.append(f"{title}:\n{export_mod.format_table(reports)}")
-        _out("\nONNX Runtime validation on the test split (ORT vs PyTorch fake-quant model):")
-        _out("\n\n".join(tables))
+        onnx_reports: list[dict[str, Any]] = []
+        if export_mod is None:
+            _out(f"\nONNX export skipped: qat_plugins.export is not available ({export_missing})")
+        else:
+            tables = []
+            data = load_data(cfg)
+            for tag, title, res in (("lsq", "W4A4 LSQ", lsq), ("cr", "W4A4 LSQ + CR", cr)):
+                reports = []
+                for fmt in formats:
+                    path = out / f"w4a4_{tag}_{fmt}.onnx"
+                    log.info("demo: exporting %s and validating it in ONNX Runtime", path.name)
+                    rep = export_and_validate(res.model, data, fmt, path, cfg.num_threads)["validation"]
+                    reports.append(export_mod.ValidationReport(**rep))
+                    onnx_reports.append({"model": f"w4a4_{tag}", **rep})
+                tables.append(f"{title}:\n{export_mod.format_table(reports)}")
+            _out("\nONNX Runtime validation on the test split (ORT vs PyTorch fake-quant model):")
+            _out("\n\n".join(tables))
 
-    total = time.perf_counter() - t_start
-    results = {
-        "quick": quick,
-        "accuracy": {"fp": fp_acc, "w4a4_lsq": lsq.test_accuracy, "w4a4_lsq_cr": cr.test_accuracy},
-        "mean_step_time_s": {"w4a4_lsq": lsq.mean_step_time, "w4a4_lsq_cr": cr.mean_step_time},
-        "history": {"w4a4_lsq": lsq.history, "w4a4_lsq_cr": cr.history},
-        "onnx": onnx_reports,
-        "config": cfg.to_dict(),
-        "regularizers": DEMO_REGULARIZERS,
-        "wall_time_s": total,
-    }
-    from . import __version__
+        total = time.perf_counter() - t_start
+        results = {
+            "quick": quick,
+            "accuracy": {"fp": fp_acc, "w4a4_lsq": lsq.test_accuracy, "w4a4_lsq_cr": cr.test_accuracy},
+            "mean_step_time_s": {"w4a4_lsq": lsq.mean_step_time, "w4a4_lsq_cr": cr.mean_step_time},
+            "history": {"w4a4_lsq": lsq.history, "w4a4_lsq_cr": cr.history},
+            "onnx": onnx_reports,
+            "config": cfg.to_dict(),
+            "regularizers": DEMO_REGULARIZERS,
+            "wall_time_s": total,
+        }
+        from . import __version__
 
-    results["package_version"] = __version__
-    write_json(out / "results.json", results)
+        results["package_version"] = __version__
+        write_json(out / "results.json", results)
     _out(f"\nresults: {out / 'results.json'}  ({total:.0f} s)")
     return results
 
@@ -276,13 +322,37 @@ def _import_export() -> Any:
     return export_mod
 
 
+def _check_new_file(path: str | os.PathLike[str], flag: str) -> Path:
+    """A file the command will create: its directory must exist and be writable, the file must not exist."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise IsADirectoryError(f"{flag} {p} is a directory; give a file path such as {p / 'model.onnx'}")
+    if p.exists() or p.is_symlink():
+        raise FileExistsError(f"{flag} {p} exists; not overwriting it: choose another file name")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{flag} {p}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{flag} {p}: directory {parent} is not writable")
+    return p
+
+
+def _check_checkpoint_arg(path: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        hint = f"; did you mean {p / 'checkpoint.pt'}?" if (p / "checkpoint.pt").is_file() else ""
+        raise IsADirectoryError(f"--checkpoint {p} is a directory, not a checkpoint file{hint}")
+    if not p.exists():
+        raise FileNotFoundError(f"--checkpoint {p} does not exist; pass OUTPUT_DIR/checkpoint.pt of a "
+                                "qat-plugins train run")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     export_mod = _import_export()
-    from .training.trainer import load_trained
+    from .training import load_trained
 
-    target = Path(args.output)
-    if target.exists():
-        raise FileExistsError(f"{target} exists; not overwriting it")
+    target = _check_new_file(args.output, "--out")
+    _check_checkpoint_arg(args.checkpoint)
     model, _fp, _cfg, data = load_trained(args.checkpoint)
     path = export_mod.export_onnx(model, target, data.test.tensors[0][:1], weight_format=args.weight_format)
     _out(f"wrote {path}")
@@ -291,21 +361,30 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     export_mod = _import_export()
-    from .training.trainer import load_trained, write_json
+    from .training import load_trained, write_json
 
     onnx_path = args.onnx_path or args.onnx
     if not onnx_path:
         raise ValueError("validate needs the ONNX file: qat-plugins validate MODEL.onnx --checkpoint FILE")
+    if Path(onnx_path).is_dir():
+        raise IsADirectoryError(f"ONNX file {onnx_path} is a directory; pass the .onnx file")
     if not Path(onnx_path).is_file():
         raise FileNotFoundError(f"ONNX file {onnx_path} does not exist")
+    if args.json_out:  # before the validation runs, not after it
+        _check_new_file(args.json_out, "--json-out")
+    _check_checkpoint_arg(args.checkpoint)
     model, _fp, _cfg, data = load_trained(args.checkpoint)
     report = export_mod.validate_onnx(onnx_path, model, data.test)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
+        _out(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         _out(export_mod.format_table([report]))
     if args.json_out:
         write_json(args.json_out, report.to_dict())
+    if report.top1_agreement < args.min_agreement:
+        raise ValueError(f"{onnx_path}: ONNX Runtime and the PyTorch model of {args.checkpoint} agree on "
+                         f"{100 * report.top1_agreement:.2f}% of the test split, below --min-agreement "
+                         f"{100 * args.min_agreement:.2f}%; is this the ONNX file of that checkpoint?")
     return 0
 
 
@@ -334,6 +413,26 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _nproc(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int from 1 to 256, got {text!r}") from None
+    if not 1 <= v <= 256:
+        raise argparse.ArgumentTypeError(f"expected an int from 1 to 256, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -350,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", metavar="DIR", help="overrides output_dir of the config")
     t.add_argument("--max-steps", type=_positive_int, metavar="N",
                    help="stop after N QAT steps, leaving a checkpoint to --resume from")
+    t.add_argument("--nproc-per-node", type=_nproc, metavar="N",
+                   help="train with N processes on this machine (torchrun's launcher; errors stay one line per rank)")
     t.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("demo", help="the main job on the embedded digits: FP, W4A4 LSQ, W4A4 LSQ + CR, ONNX + ORT")
@@ -370,7 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--onnx", metavar="FILE", help=argparse.SUPPRESS)
     v.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint of the PyTorch model to compare with")
     v.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    v.add_argument("--json-out", metavar="FILE", help="also write the report as JSON to FILE")
+    v.add_argument("--json-out", metavar="FILE", help="also write the report as JSON to FILE (must not exist)")
+    v.add_argument("--min-agreement", type=_fraction, default=0.99, metavar="F",
+                   help="fail (exit 2) when ORT and PyTorch top-1 agree on less than this fraction of the test "
+                        "split (default: 0.99)")
     v.set_defaults(func=_cmd_validate)
 
     b = sub.add_parser("bench", help="benchmarks (qat_plugins.bench)")
@@ -394,8 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(_one_line(e))
     except SystemExit as e:  # --help / --version
         return int(e.code or 0) if not isinstance(e.code, str) else _fail(e.code)
+    args.raw_argv = argv
     _setup_logging(args.quiet)
     errors = _user_errors()
+    previous = _raise_on_sigterm()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -403,9 +509,80 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except errors as e:
         return _fail(_one_line(e))
+    except MemoryError:
+        return _fail(_OOM)
+    except OSError as e:  # I/O errors, disk full, file-size limits: name the file
+        return _fail(_os_error(e))
+    except RuntimeError as e:
+        if _is_oom(e):
+            return _fail(_OOM)
+        return _fail(_unexpected(e))
+    except Terminated:
+        _error_line("terminated (SIGTERM); the output directory is intact: a training run continues with --resume")
+        return 143
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (a training run continues with --resume)", file=sys.stderr)
+        _error_line("interrupted (Ctrl-C); the output directory is intact: a training run continues with --resume")
         return 130
+    except Exception as e:  # noqa: BLE001 - never a traceback wall for the user
+        return _fail(_unexpected(e))
+    finally:
+        _restore_sigterm(previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that locks are released and temporary files removed."""
+
+
+def _raise_on_sigterm() -> Any:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signal.SIGTERM, previous)
+
+
+_OOM = ("out of memory: the model or batch does not fit in this machine's memory; lower model.width or "
+        "data.batch_size in the config")
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(k in text for k in ("not enough memory", "can't allocate memory", "cannot allocate memory",
+                                   "out of memory", "bad_alloc"))
+
+
+def _os_error(e: OSError) -> str:
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or _one_line(e)
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        what += " (the disk is full or a file-size limit was reached); free space and rerun (training continues " \
+                "with --resume)"
+    return f"{where}{what}"
+
+
+def _unexpected(e: BaseException) -> str:
+    msg = _one_line(e)
+    if len(msg) > 300:
+        msg = msg[:300] + "..."
+    return f"unexpected {type(e).__name__}: {msg} (set QAT_PLUGINS_DEBUG=1 to see the traceback)"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -83,8 +84,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with opener(path, "rb") as f:  # type: ignore[operator]
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read idx file {path}: {e}; re-install or re-download it") from e
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"cannot read idx file {path}: {e}; re-install or re-download it") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an idx file (bad magic number); expected MNIST-style idx data")
     ndim = raw[3]
@@ -107,9 +108,13 @@ def _find(directory: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{directory} has no {stem}[.gz]")
 
 
-def load_idx_dataset(directory: str | os.PathLike[str], *, name: str = "idx",
-                     limit_train: int | None = None) -> DataSplit:
-    """MNIST-layout idx files (``train-images-idx3-ubyte[.gz]`` etc.) from ``directory``."""
+def load_idx_dataset(directory: str | os.PathLike[str], *, name: str = "idx", limit_train: int | None = None,
+                     num_classes: int = 10) -> DataSplit:
+    """MNIST-layout idx files (``train-images-idx3-ubyte[.gz]`` etc.) from ``directory``.
+
+    Labels must be class indices in ``[0, num_classes)`` (default 10, the MNIST layout: *project choice*);
+    images a 3-d array of one size in both splits. Errors name the file.
+    """
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"dataset directory {d} does not exist")
@@ -120,17 +125,39 @@ def load_idx_dataset(directory: str | os.PathLike[str], *, name: str = "idx",
         raise FileNotFoundError(f"{e}; expected MNIST-layout idx files in {d}") from None
     xtr, ytr = read_idx(files["train-images-idx3-ubyte"]), read_idx(files["train-labels-idx1-ubyte"])
     xte, yte = read_idx(files["t10k-images-idx3-ubyte"]), read_idx(files["t10k-labels-idx1-ubyte"])
+    for key, arr in (("train-images-idx3-ubyte", xtr), ("t10k-images-idx3-ubyte", xte)):
+        if arr.ndim != 3:
+            raise ValueError(f"{files[key]}: images must be a 3-d idx array (count, height, width), got shape "
+                             f"{arr.shape}")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise ValueError(f"{d}: train images are {xtr.shape[1]}x{xtr.shape[2]} but test images "
+                         f"{xte.shape[1]}x{xte.shape[2]}; both splits must have one image size")
+    if min(xtr.shape[1:]) < 4:
+        raise ValueError(f"{files['train-images-idx3-ubyte']}: images of {xtr.shape[1]}x{xtr.shape[2]} pixels are "
+                         "too small (at least 4x4)")
     if len(xtr) != len(ytr) or len(xte) != len(yte):
         raise ValueError(f"{d}: image and label counts differ; the files are inconsistent")
     if len(xtr) == 0 or len(xte) == 0:
         raise ValueError(f"{d}: the idx files hold no samples ({len(xtr)} train, {len(xte)} test images); "
                          "re-install or re-download them")
+    for key, arr in (("train-images-idx3-ubyte", xtr), ("t10k-images-idx3-ubyte", xte)):
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError(f"{files[key]}: images contain NaN/inf values")
+    for key, lab in (("train-labels-idx1-ubyte", ytr), ("t10k-labels-idx1-ubyte", yte)):
+        if lab.ndim != 1 or lab.dtype.kind not in "iu":
+            raise ValueError(f"{files[key]}: labels must be a 1-d integer idx array, got shape {lab.shape} of "
+                             f"{lab.dtype}")
+        bad = (lab < 0) | (lab >= num_classes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{files[key]}: label {int(lab[i])} at index {i} is outside [0, {num_classes}); labels "
+                             f"must be class indices 0..{num_classes - 1}" +
+                             (" (set data.num_classes for more classes)" if lab[i] >= num_classes else ""))
     if limit_train is not None:
         xtr, ytr = xtr[:limit_train], ytr[:limit_train]
     xtr_t = torch.from_numpy(xtr.astype(np.float32) / 255.0)[:, None]
     xte_t = torch.from_numpy(xte.astype(np.float32) / 255.0)[:, None]
     xtr_t, xte_t = _standardise(xtr_t, xte_t)
-    num_classes = int(max(ytr.max(), yte.max())) + 1
     return DataSplit(TensorDataset(xtr_t, torch.from_numpy(ytr.astype(np.int64))),
                      TensorDataset(xte_t, torch.from_numpy(yte.astype(np.int64))), num_classes, name)
 
@@ -144,8 +171,8 @@ def load_fashion_mnist(directory: str | os.PathLike[str] = FASHION_MNIST_DIR, **
     return load_idx_dataset(directory, name="fashion-mnist", **kw)  # type: ignore[arg-type]
 
 
-def load_dataset(name: str, *, data_dir: str | None = None, size: int = 8) -> DataSplit:
-    """``"digits"`` (embedded), ``"fashion-mnist"`` or ``"idx"`` (needs ``data_dir``)."""
+def load_dataset(name: str, *, data_dir: str | None = None, size: int = 8, num_classes: int | None = None) -> DataSplit:
+    """``"digits"`` (embedded), ``"fashion-mnist"`` or ``"idx"`` (needs ``data_dir``; ``num_classes`` default 10)."""
     if name == "digits":
         return load_digits_split(size=size)
     if name == "fashion-mnist":
@@ -153,7 +180,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, size: int = 8) -> Da
     if name == "idx":
         if not data_dir:
             raise ValueError("dataset 'idx' needs data_dir")
-        return load_idx_dataset(data_dir)
+        return load_idx_dataset(data_dir, num_classes=num_classes or 10)
     raise ValueError(f"unknown dataset {name!r}; choose 'digits', 'fashion-mnist' or 'idx'")
 
 

@@ -9,7 +9,9 @@
 or step by step with :func:`load_data`, :func:`build_fp_model`, :func:`train_fp`, :func:`train_qat`.
 """
 
-from .checkpoint import capture_rng, check_config_matches, load_checkpoint, restore_rng, save_checkpoint
+from .bn import BNSchedule, bn_stats_frozen, count_bn_layers, freeze_bn_stats, reestimate_bn_stats, unfreeze_bn_stats
+from .checkpoint import (capture_rng, check_config_matches, load_checkpoint, read_resume_checkpoint, restore_rng,
+                         save_checkpoint)
 from .config import (
     DataConfig,
     FPConfig,
@@ -17,6 +19,7 @@ from .config import (
     NNCFStyleConfig,
     QATConfig,
     TrainConfig,
+    as_train_config,
     config_diff,
     config_hash,
     is_nncf_config,
@@ -24,32 +27,30 @@ from .config import (
     read_config_file,
     update_config,
 )
-from .trainer import (
+from .loaders import EpochPermutationSampler, build_loader, evaluate, iterate_batches, load_data
+from .run import (
     CHECKPOINT_NAME,
     RESULTS_NAME,
-    EpochPermutationSampler,
-    TrainResult,
+    RunHooks,
     build_fp_model,
-    build_loader,
-    evaluate,
-    is_rank0,
-    load_data,
+    check_run,
+    export_and_validate,
     load_trained,
+    lock_output_dir,
     prepare_output_dir,
-    prepare_student,
     run,
-    seed_everything,
-    train_fp,
-    train_qat,
-    train_step,
     write_json,
 )
+from .trainer import TrainResult, is_rank0, prepare_student, seed_everything, train_fp, train_qat, train_step
 
 __all__ = [
+    "BNSchedule", "freeze_bn_stats", "unfreeze_bn_stats", "bn_stats_frozen", "reestimate_bn_stats", "count_bn_layers",
     "TrainConfig", "DataConfig", "ModelConfig", "FPConfig", "QATConfig", "NNCFStyleConfig", "load_config",
     "read_config_file", "is_nncf_config", "update_config", "config_hash", "config_diff",
     "TrainResult", "train_fp", "train_qat", "run", "evaluate", "train_step", "build_loader", "load_data",
     "build_fp_model", "prepare_student", "prepare_output_dir", "load_trained", "write_json", "is_rank0", "seed_everything",
-    "EpochPermutationSampler", "CHECKPOINT_NAME", "RESULTS_NAME",
+    "EpochPermutationSampler", "CHECKPOINT_NAME", "RESULTS_NAME", "RunHooks", "check_run", "export_and_validate",
+    "lock_output_dir",
+    "iterate_batches", "as_train_config", "read_resume_checkpoint",
     "save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "check_config_matches",
 ]

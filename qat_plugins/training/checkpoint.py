@@ -17,6 +17,7 @@ Files are written to a temporary file in the same directory and moved into place
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -25,13 +26,16 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .._io import atomic_path, atomic_write_bytes
+from torch import nn
 
+from .._io import atomic_path, atomic_write_bytes
+from ..taps import unwrap
 from .config import TrainConfig, config_diff, config_hash
+from .distributed import world_size
 
 __all__ = [
     "CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng",
-    "check_config_matches", "atomic_write_bytes",
+    "check_config_matches", "read_resume_checkpoint", "atomic_write_bytes",
 ]
 
 CHECKPOINT_FORMAT = "qat_plugins.checkpoint/1"
@@ -48,11 +52,16 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     p = Path(path)
     full = {"format": CHECKPOINT_FORMAT, "package_version": _package_version(), "torch_version": str(torch.__version__),
             **state}
-    with atomic_path(p) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(full, f)
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        with atomic_path(p) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(full, f)
+                f.flush()
+                os.fsync(f.fileno())
+    except RuntimeError as e:  # torch's zip writer reports a failed write (disk full, file-size limit) this way
+        detail = " ".join(str(e).split())[:200]
+        raise OSError(errno.ENOSPC, f"cannot write checkpoint ({detail}); the previous checkpoint is intact",
+                      str(p)) from None
     return p
 
 
@@ -67,8 +76,26 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ValueError: truncated, corrupt or not a qat_plugins checkpoint (the message names the file).
     """
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"checkpoint {p} is a directory; pass the checkpoint file inside it, e.g. "
+                                f"{p / 'checkpoint.pt'}")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise PermissionError(f"cannot read checkpoint {p}: {e.strerror or e}") from None
+    if head[:2] != b"PK":  # torch.save writes a zip archive; name other kinds of file instead of "corrupt"
+        kind = "a JSON file" if head[:1] in (b"{", b"[") else "an ONNX file" if p.suffix == ".onnx" else \
+            "a YAML file" if p.suffix in (".yaml", ".yml") else None
+        if kind is not None:
+            raise ValueError(f"{p} is {kind}, not a qat_plugins training checkpoint; pass the checkpoint.pt written "
+                             "by qat-plugins train")
+        what = "empty file" if not head else "not a torch zip archive"
+        raise ValueError(f"checkpoint {p} is truncated or corrupt ({what}); pass the checkpoint.pt written by "
+                         "qat-plugins train, or start again without "
+                         "--resume")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - zip / pickle / EOF errors of a damaged file
@@ -78,6 +105,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         detail = detail[:200]
         raise ValueError(f"checkpoint {p} is truncated or corrupt ({type(e).__name__}: {detail}); delete it and "
                          "start again without --resume") from None
+    if isinstance(state, dict) and state.get("format") != CHECKPOINT_FORMAT and \
+            any("nncf" in str(k).lower() for k in state):
+        raise ValueError(f"{p} is an NNCF checkpoint (qat_plugins.integrations.nncf.save_checkpoint), not a "
+                         "training checkpoint; pass OUTPUT_DIR/checkpoint.pt of the run, or load it with "
+                         "qat_plugins.integrations.nncf.load_checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{p} is not a qat_plugins training checkpoint (format {CHECKPOINT_FORMAT!r} expected); "
                          "resume only from a checkpoint.pt written by qat-plugins train")
@@ -98,6 +130,32 @@ def check_config_matches(ckpt: Mapping[str, Any], cfg: TrainConfig, path: str | 
     more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
     raise ValueError(f"checkpoint {path} was made with a different config: {shown}{more}; resume with the "
                      "config it was made with, or start a new run in another output directory")
+
+
+def read_resume_checkpoint(path: str | os.PathLike[str], cfg: TrainConfig,
+                           fp_model: nn.Module | None = None) -> dict[str, Any]:
+    """The one resume block: load ``path`` and check it fits this run, else ``ValueError`` naming why.
+
+    Checks the config (:func:`check_config_matches`), the number of processes and, with ``fp_model``,
+    that the FP model is the one the checkpoint was made from.
+    """
+    ckpt = load_checkpoint(path)
+    check_config_matches(ckpt, cfg, path)
+    saved = int(ckpt.get("world_size", 1))
+    if saved != world_size():  # the data order, steps per epoch and schedule depend on it
+        raise ValueError(f"checkpoint {path} was made by {saved} process(es), this run has {world_size()}; resume "
+                         "with the same torchrun --nnodes x --nproc_per_node")
+    if fp_model is not None:
+        current = unwrap(fp_model).state_dict()
+        stored = ckpt["fp_model"]
+        if set(stored) != set(current):
+            raise ValueError(f"fp_model does not match the FP model in checkpoint {path} (different layers); "
+                             "resume with the FP model the checkpoint was made from")
+        for k, v in stored.items():
+            if v.shape != current[k].shape or not torch.equal(v, current[k]):
+                raise ValueError(f"fp_model differs from the FP model in checkpoint {path} (first difference: "
+                                 f"{k}); resume with the FP model the checkpoint was made from")
+    return ckpt
 
 
 # --- random number generators -------------------------------------------------------------------

@@ -2,46 +2,9 @@
 
 Every field is checked when the config is loaded; an error names the field and says what is allowed,
 e.g. ``qat.weight_bits: must be an int from 2 to 8, got 9``. Regularizer entries are validated by
-building them with :func:`qat_plugins.regularizers.build_regularizers`.
-
-Schema (defaults in brackets)::
-
-    seed: int >= 0                                     [0]
-    data:
-      name: digits | fashion-mnist | idx               [digits]
-      data_dir: directory or null (required for idx)   [null]
-      batch_size: int 1..65536                         [64]
-      size: int 8..256 (digits only: upsampling)       [8]
-      limit_train: int >= 1 or null (first N train)    [null]
-    model:
-      name: cnn | resnet                               [resnet]
-      width: int 1..1024                               [16]
-    fp:                                                # full-precision pre-training
-      epochs: int >= 0                                 [15]
-      lr: float > 0                                    [0.01]
-      optimizer: adam | sgd                            [adam]
-      weight_decay: float >= 0                         [0.0]
-      augment: bool (default_augment on inputs)        [true]
-    qat:
-      weight_bits, act_bits: int 2..8                  [4, 4]
-      mode: eager | fx | pt2e                          [eager]
-      epochs: int >= 1                                 [6]
-      lr: float > 0 (SGD)                              [0.01]
-      momentum: float in [0, 1)                        [0.9]
-      weight_decay: float >= 0 (conv/linear weights)   [5.0e-5]
-      schedule: cosine | constant (per step)           [cosine]
-      keep_first_last_8bit, per_channel, learnable: bool  [true, true, true]
-      augment: bool (default_augment on the student's inputs)  [true]
-    regularizers: list of {name: cr|fpq|br|<registered>, weight: float, ...}  [[]]
-    output_dir: directory or null                      [runs/train]
-    checkpoint_every: int >= 0 QAT steps (0: epoch ends only)  [0]
-    nan_policy: raise | skip                           [raise]
-    max_skipped: int >= 0 (skip policy: fail after more)  [10]
-    num_threads: int >= 1 or null (leave torch's)      [1]
-    progress: bool (tqdm bars on a TTY)                [true]
-
-An NNCF-style JSON (top-level ``compression`` or ``input_info``) is not a ``TrainConfig``:
-:func:`load_config` returns it as an :class:`NNCFStyleConfig` for the NNCF integration to run.
+building them. Every field with its default: ``examples/train_config.yaml``; the schema and the YAML
+rules (duplicate keys, ``1e-3``): docs/reliability.md. An NNCF-style JSON (top-level ``compression``
+or ``input_info``) loads as an :class:`NNCFStyleConfig` for the NNCF integration.
 """
 
 from __future__ import annotations
@@ -52,18 +15,22 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..models import MODELS
+
 __all__ = [
     "TrainConfig", "DataConfig", "ModelConfig", "FPConfig", "QATConfig", "NNCFStyleConfig",
     "load_config", "read_config_file", "is_nncf_config", "update_config", "config_hash", "config_diff",
-    "RESULT_NEUTRAL_FIELDS",
+    "RESULT_NEUTRAL_FIELDS", "as_train_config", "EXPORT_FORMATS",
 ]
 
 # Fields that do not change what a run computes: ignored by the checkpoint compatibility check.
-RESULT_NEUTRAL_FIELDS = ("output_dir", "progress", "checkpoint_every")
+RESULT_NEUTRAL_FIELDS = ("output_dir", "progress", "checkpoint_every", "export")
+EXPORT_FORMATS = ("int8", "int4", "fp32")
 
 
 @dataclass
@@ -73,6 +40,7 @@ class DataConfig:
     batch_size: int = 64
     size: int = 8
     limit_train: int | None = None
+    num_classes: int | None = None
 
 
 @dataclass
@@ -104,6 +72,7 @@ class QATConfig:
     per_channel: bool = True
     learnable: bool = True
     augment: bool = True
+    bn: dict[str, Any] = field(default_factory=lambda: dict(BN_DEFAULTS))
 
 
 @dataclass
@@ -122,6 +91,7 @@ class TrainConfig:
     max_skipped: int = 10
     num_threads: int | None = 1
     progress: bool = True
+    export: list[str] = field(default_factory=list)
 
     kind = "qat_plugins"  # class attribute (not a field): tells it apart from NNCFStyleConfig
 
@@ -197,6 +167,17 @@ def _choice(*choices: str) -> Callable[[str, Any], Any]:
     return check
 
 
+def _formats(where: str, v: Any) -> Any:
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or any(f not in EXPORT_FORMATS for f in items) or \
+            len(set(items)) != len(items):
+        raise ValueError(f"{where}: must be a list of distinct formats from {', '.join(EXPORT_FORMATS)} "
+                         f"(or one of them, or null), got {v!r}")
+    return list(items)
+
+
 def _path(*, optional: bool = True) -> Callable[[str, Any], Any]:
     def check(where: str, v: Any) -> Any:
         if v is None and optional:
@@ -210,19 +191,35 @@ def _path(*, optional: bool = True) -> Callable[[str, Any], Any]:
 
 
 _FIELDS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
-    "data": {"name": _choice("digits", "fashion-mnist", "idx"), "data_dir": _path(), "batch_size": _int(1, 65536),
-             "size": _int(8, 256), "limit_train": _int(1, optional=True)},
-    "model": {"name": _choice("cnn", "resnet"), "width": _int(1, 1024)},
+    "data": {"name": _choice("digits", "fashion-mnist", "idx"), "data_dir": _path(), "batch_size": _int(2, 65536),
+             "size": _int(8, 256), "limit_train": _int(2, optional=True),
+             "num_classes": _int(2, 100000, optional=True)},
+    "model": {"name": _choice(*MODELS), "width": _int(1, 1024)},
     "fp": {"epochs": _int(0, 100000), "lr": _float(0.0, lo_open=True), "optimizer": _choice("adam", "sgd"),
            "weight_decay": _float(0.0), "augment": _bool},
     "qat": {"weight_bits": _int(2, 8), "act_bits": _int(2, 8), "mode": _choice("eager", "fx", "pt2e"),
             "epochs": _int(1, 100000), "lr": _float(0.0, lo_open=True), "momentum": _float(0.0, hi=1.0),
             "weight_decay": _float(0.0), "schedule": _choice("cosine", "constant"),
-            "keep_first_last_8bit": _bool, "per_channel": _bool, "learnable": _bool, "augment": _bool},
+            "keep_first_last_8bit": _bool, "per_channel": _bool, "learnable": _bool, "augment": _bool,
+            "bn": lambda where, v: _bn_section(where, v)},
     "": {"seed": _int(0, 2**31 - 1), "output_dir": _path(), "checkpoint_every": _int(0),
          "nan_policy": _choice("raise", "skip"), "max_skipped": _int(0), "num_threads": _int(1, 1024, optional=True),
-         "progress": _bool},
+         "progress": _bool, "export": _formats},
 }
+# qat.bn defaults (project choice, measured in docs/bn.md): no freeze, re-estimate on 10 clean batches
+BN_DEFAULTS: dict[str, Any] = {"freeze_after_epochs": None, "reestimate_batches": 10}
+_BN_FIELDS = {"freeze_after_epochs": _int(0, 100000, optional=True), "reestimate_batches": _int(0, 100000)}
+
+
+def _bn_section(where: str, v: Any) -> dict[str, Any]:
+    if v is None:
+        return dict(BN_DEFAULTS)
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{where}: must be a mapping of {', '.join(_BN_FIELDS)}; got {type(v).__name__}")
+    _check_keys(v, list(_BN_FIELDS), where)
+    return {**BN_DEFAULTS, **{k: _BN_FIELDS[k](f"{where}.{k}", x) for k, x in v.items()}}
+
+
 _TOP_KEYS = list(_FIELDS[""]) + list(_SECTIONS) + ["regularizers"]
 
 
@@ -251,8 +248,25 @@ def _regularizers(raw: Any) -> list[dict[str, Any]]:
 
     if raw is None:
         return []
+    if isinstance(raw, (list, tuple)):
+        for i, spec in enumerate(raw):
+            if isinstance(spec, Mapping):
+                for key, value in spec.items():
+                    _finite_option(f"regularizers[{i}].{key}", value)
     build_regularizers(raw, where="regularizers")  # validates every entry (errors name the field)
     return [copy.deepcopy(dict(spec)) for spec in raw]
+
+
+def _finite_option(where: str, v: Any) -> None:
+    """NaN / inf anywhere in a regularizer option is an error at load time (not after FP training)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{where}: must be a finite number, got {v!r}")
+    if isinstance(v, (list, tuple)):
+        for j, x in enumerate(v):
+            _finite_option(f"{where}[{j}]", x)
+    if isinstance(v, Mapping):
+        for k, x in v.items():
+            _finite_option(f"{where}.{k}", x)
 
 
 def _from_mapping(raw: Mapping[str, Any]) -> TrainConfig:
@@ -268,6 +282,8 @@ def _from_mapping(raw: Mapping[str, Any]) -> TrainConfig:
     cfg = TrainConfig(**kw)
     if cfg.data.name == "idx" and not cfg.data.data_dir:
         raise ValueError("data.data_dir: required when data.name is 'idx' (a directory of MNIST-layout idx files)")
+    if cfg.data.num_classes is not None and cfg.data.name != "idx":
+        raise ValueError(f"data.num_classes: only for data.name 'idx' ({cfg.data.name!r} has 10 classes); remove it")
     if cfg.data.name != "digits" and cfg.data.size != 8:
         raise ValueError(f"data.size: only the embedded 'digits' can be resized; remove it for data.name "
                          f"{cfg.data.name!r} (got {cfg.data.size})")
@@ -292,11 +308,9 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"cannot read config file {p}: {e}") from None
     try:
         if p.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_pairs)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
     except Exception as e:  # noqa: BLE001 - yaml / json parse errors of any kind
         detail = " ".join(str(e).split())
         raise ValueError(f"cannot parse config file {p}: {detail}") from None
@@ -305,6 +319,49 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {p}: the top level must be a mapping of settings, got {type(data).__name__}")
     return data
+
+
+_YAML_FLOAT = re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$"  # 1e-3, 2.5E+4, 1_000.5
+                         r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+
+
+def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}; a JSON key may appear once per object")
+        out[k] = v
+    return out
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that rejects duplicate keys (naming key and line) and reads ``1e-3`` as a number."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping_checked(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:  # the mapping's own keys (a merge `<<:` may be overridden)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: let the constructor report it
+                continue
+            if first is not None:
+                raise ValueError(f"duplicate key {key!r} on line {line} (first on line {first}); a YAML key "
+                                 "may appear once per mapping")
+            lines[key] = line
+        loader.flatten_mapping(node)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=True)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping_checked)
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig) -> TrainConfig | NNCFStyleConfig:
@@ -337,7 +394,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig
         raise
 
 
-def _as_train_config(cfg: Any) -> TrainConfig:
+def as_train_config(cfg: Any) -> TrainConfig:
     """Validate ``cfg`` (TrainConfig / dict / path) and insist on a qat_plugins config."""
     out = load_config(cfg)
     if not isinstance(out, TrainConfig):
@@ -348,7 +405,7 @@ def _as_train_config(cfg: Any) -> TrainConfig:
 
 def update_config(cfg: TrainConfig | Mapping[str, Any], changes: Mapping[str, Any]) -> TrainConfig:
     """A validated copy of ``cfg`` with dotted-path changes, e.g. ``{"qat.epochs": 1, "seed": 3}``."""
-    d = _as_train_config(cfg).to_dict()
+    d = as_train_config(cfg).to_dict()
     for key, value in changes.items():
         parts = key.split(".")
         node = d
@@ -357,7 +414,10 @@ def update_config(cfg: TrainConfig | Mapping[str, Any], changes: Mapping[str, An
                 raise ValueError(f"{key}: unknown config section {part!r}")
             node = node[part]
         node[parts[-1]] = value
-    return _as_train_config(d)
+    return as_train_config(d)
+
+
+_as_train_config = as_train_config  # the former private name (kept for callers outside training/)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

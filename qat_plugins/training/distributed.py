@@ -1,25 +1,8 @@
 """Multi-process training with ``torchrun``: process group, DDP wrapping and keeping ranks in sync.
 
-``torchrun --nproc_per_node N -m qat_plugins train --config cfg.yaml`` (or :func:`run` under
-``torchrun``) calls :func:`distributed_session`, which initialises the default process group from
-the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``) when ``WORLD_SIZE > 1`` and tears it down again at the end. The backend is
-``gloo`` on CPU-only machines and ``cpu:gloo,cuda:nccl`` when CUDA is available (CUDA tensors go
-through NCCL, CPU tensors through gloo); ``QAT_PLUGINS_DIST_BACKEND`` overrides it.
-
-How the ranks stay identical (see :mod:`qat_plugins.training.trainer`):
-
-* parameters, LSQ step sizes included: DDP broadcasts them from rank 0 when it wraps the model
-  (after the calibration forward that sizes per-channel step sizes) and all-reduces (averages) their
-  gradients every step, so the same optimizer step runs on identical values on every rank;
-* buffers (BN running statistics, fake-quant ``zero_point`` / ``initialized`` / min-max observer
-  state): DDP broadcasts rank 0's before every forward; :func:`broadcast_module` does it again at
-  epoch ends and at the end of training, where the last local forward left them rank-specific;
-* regularizer state (EMA teacher, block-replacement RNG): :func:`broadcast_object` of rank 0's
-  ``RegularizerSet.state_dict()`` before the first step; the EMA teacher is then updated from
-  identical student parameters on every rank;
-* a non-finite loss on any rank skips (or stops) the step on every rank (:func:`any_rank`), so no
-  rank waits in an all-reduce the others never enter.
+:func:`distributed_session` initialises the default process group from the torchrun environment when
+``WORLD_SIZE > 1`` (gloo on CPU, ``cpu:gloo,cuda:nccl`` with CUDA, ``QAT_PLUGINS_DIST_BACKEND``
+overrides) and tears it down at the end. How the ranks stay identical: docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -78,12 +78,19 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "tmp"
     res = json.loads((out / "results.json").read_text())
     acc = res["accuracy"]
-    assert set(acc) == {"fp", "w4a4_lsq", "w4a4_lsq_cr"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    assert set(acc) == {"fp", "w4a4_lsq", "w4a4_lsq_cr"}
+    # --quick (seconds of training): measured FP 84.2 %, LSQ 89.3 %, LSQ+CR 87.8 % (chance 10 %); W4A4
+    # QAT from the FP model must not fall below it by more than seed noise
+    assert acc["fp"] >= 0.75 and min(acc["w4a4_lsq"], acc["w4a4_lsq_cr"]) >= acc["fp"] - 0.05, acc
     assert res["quick"] is True and res["config"]["qat"]["weight_bits"] == 4
     for label in ("FP32", "W4A4 LSQ", "W4A4 LSQ + CR"):
         assert label in proc.stdout
     if _export_available():
         assert {r["weight_format"] for r in res["onnx"]} == {"int8", "int4"}
+        # ORT validation recomputes each QAT model's PyTorch top-1 on the same split: same number
+        for r in res["onnx"]:
+            key = {"w4a4_lsq": "w4a4_lsq", "w4a4_cr": "w4a4_lsq_cr"}[r["model"]]
+            assert r["torch_top1"] == pytest.approx(acc[key], abs=1e-9) and r["num_samples"] == 450, r
         assert all((out / f"w4a4_{m}_{f}.onnx").is_file() for m in ("lsq", "cr") for f in ("int8", "int4"))
         assert "ORT top1" in proc.stdout
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
@@ -198,7 +205,7 @@ def test_output_dir_problems_exit_2(trained, capsys, tmp_path):
     assert main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "empty"), "--resume"]) == 2
     _one_error_line(capsys.readouterr().err, "no checkpoint")
     assert main(["demo", "--output-dir", str(blocker)]) == 2
-    _one_error_line(capsys.readouterr().err, "cannot write to output directory")
+    _one_error_line(capsys.readouterr().err, "a_file is a file, not a directory")
 
 
 def test_checkpoint_problems_exit_2(trained, capsys, tmp_path):
@@ -256,11 +263,11 @@ def test_nncf_style_config_is_routed(monkeypatch, capsys, tmp_path):
     _one_error_line(capsys.readouterr().err, "NNCF-style", "run_config")
 
 
-def test_optional_commands_say_when_missing(capsys):
-    try:
-        import qat_plugins.bench  # noqa: F401
-    except ImportError:
-        assert main(["bench"]) == 2
-        _one_error_line(capsys.readouterr().err, "qat_plugins.bench")
-    else:
-        pytest.skip("qat_plugins.bench exists")
+def test_optional_commands_say_when_missing(capsys, monkeypatch):
+    import qat_plugins
+
+    # make `qat_plugins.bench` unimportable (None in sys.modules makes `import` raise ImportError)
+    monkeypatch.delattr(qat_plugins, "bench", raising=False)
+    monkeypatch.setitem(sys.modules, "qat_plugins.bench", None)
+    assert main(["bench"]) == 2
+    _one_error_line(capsys.readouterr().err, "qat_plugins.bench")

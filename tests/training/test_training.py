@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +168,15 @@ def test_loader_is_deterministic_and_resumable(tiny_data):
 
 def test_evaluate_inputs_agree_and_restore_mode(tiny_data, fp_cnn):
     x, y = tiny_data.test.tensors
-    fp_cnn.train()
-    a = evaluate(fp_cnn, tiny_data.test)
-    assert fp_cnn.training
-    fp_cnn.eval()
+    model = copy.deepcopy(fp_cnn)  # switched to train mode below: never the shared model
+    model.train()
+    a = evaluate(model, tiny_data.test)
+    assert model.training
+    model.eval()
     loader = torch.utils.data.DataLoader(tiny_data.test, batch_size=100)
-    assert a == evaluate(fp_cnn, loader) == evaluate(fp_cnn, (x, y)) == evaluate(fp_cnn, tiny_data)
-    assert a > 0.8
+    assert a == evaluate(model, loader) == evaluate(model, (x, y)) == evaluate(model, tiny_data)
+    with torch.no_grad():  # by hand: eval-mode top-1 over the whole split
+        assert a == pytest.approx((model(x).argmax(1) == y).sum().item() / len(y), abs=1e-12)
 
 
 # --- determinism and resume ---------------------------------------------------------------------
@@ -190,7 +194,12 @@ def test_same_config_twice_gives_identical_weights(reference):
     assert _same_weights(ref.fp_model.state_dict(), again.fp_model.state_dict())
     assert _no_time(ref.history) == _no_time(again.history)
     assert ref.steps == 6 and len(ref.history) == 2 and ref.history[-1]["reg_losses"].keys() == {"cr"}
-    assert 0.0 <= ref.test_accuracy <= 1.0 and ref.mean_step_time > 0
+    assert ref.mean_step_time > 0
+    # the reported accuracy is the trained model's eval-mode top-1 on the test split, by hand
+    x, y = load_data(load_config(TINY)).test.tensors
+    model = copy.deepcopy(ref.model).eval()
+    with torch.no_grad():
+        assert ref.test_accuracy == pytest.approx((model(x).argmax(1) == y).sum().item() / len(y), abs=1e-12)
     results = json.loads((out / "results.json").read_text())
     assert results["test_accuracy"] == ref.test_accuracy and results["config"]["qat"]["epochs"] == 2
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "results.json"]  # no temp files left
@@ -257,7 +266,8 @@ def test_output_dir_is_never_overwritten(reference, tmp_path):
 def test_checkpoint_write_is_atomic(tmp_path):
     p = tmp_path / "ckpt.pt"
     save_checkpoint(p, {"model": {"w": torch.ones(2)}})
-    with pytest.raises(Exception):
+    # the pickler's own error (a local lambda: AttributeError on Python 3.11, PicklingError later)
+    with pytest.raises((pickle.PicklingError, AttributeError), match="[Pp]ickle"):
         save_checkpoint(p, {"model": {"w": torch.zeros(2)}, "bad": lambda: None})  # unpicklable
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
     assert torch.equal(torch.load(p, weights_only=True)["model"]["w"], torch.ones(2))  # old one intact
