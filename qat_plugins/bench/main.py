@@ -2,7 +2,9 @@
 
 Phases: FP models (trained once per dataset / model / seed, cached under ``--cache``), then every
 QAT run plus the step-time / peak-memory micro-benchmark on ``--workers`` single-threaded spawn
-processes, then ``results.json``, ``<dataset>.md`` and ``<dataset>.png`` in ``--out``.
+processes, then ``results.json``, ``<dataset>_<model>.md`` and the plots in ``--out`` (default
+``./bench-results``, never the committed ``benchmarks/results``). Resumable: every finished run is a
+file ``OUT/runs/<run>.json`` written atomically, and a re-run of the same command skips it.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .._io import atomic_write_bytes
-from .settings import DATASETS, METHODS, BenchSettings, preset
+from .settings import DATASETS, DEFAULT_METHODS, METHODS, MODELS, BenchSettings, preset, seeds_for
 
-__all__ = ["main", "parse_args", "settings_from_args", "run_benchmark", "TINY_ENV"]
+__all__ = ["main", "parse_args", "settings_from_args", "run_benchmark", "estimate_wall_s", "TINY_ENV", "DEFAULT_OUT"]
 
 TINY_ENV = "QAT_PLUGINS_BENCH_TINY"  # =1: the test suite's tiny setting (same as --tiny)
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte")
 INSTALL_FASHION = "apt-get update && apt-get install -y dataset-fashion-mnist"
+DEFAULT_OUT = "bench-results"  # a scratch directory (gitignored); BENCHMARKS.md is written from it by hand
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -36,6 +39,16 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
             raise argparse.ArgumentTypeError("expected a comma-separated list")
         return [kind(t) for t in items]
     return parse
+
+
+def _seeds(text: str) -> dict[int, int] | int:
+    """``N`` (every row) or ``bits=N,...`` (e.g. ``2=5,4=3``)."""
+    try:
+        if "=" not in text:
+            return int(text)
+        return {int(k): int(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or bits=N,... (e.g. 2=5,4=3); got {text!r}") from None
 
 
 def _epochs(text: str) -> dict[str, int] | int:
@@ -53,24 +66,28 @@ def _epochs(text: str) -> dict[str, int] | int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qat-plugins bench", description="LSQ vs CR / FPQ / BR vs NNCF benchmark.")
-    p.add_argument("--quick", action="store_true", help="digits only, 1 seed, few epochs, W4A4 + W2A2 (< 3 min)")
+    p.add_argument("--quick", action="store_true", help="digits only, SmallResNet, 1 seed, few epochs, W2A2 + W4A4")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests; also env QAT_PLUGINS_BENCH_TINY=1
-    p.add_argument("--out", default="benchmarks/results", help="output directory [benchmarks/results]")
-    p.add_argument("--cache", default="benchmarks/cache", help="FP model cache directory [benchmarks/cache]")
-    p.add_argument("--datasets", type=_csv(str), help="comma list of fashion-mnist, digits")
-    p.add_argument("--models", type=_csv(str), help="comma list of resnet, cnn [resnet]")
-    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1) [2; quick: 1]")
-    p.add_argument("--bits", type=_csv(int), help="rows, e.g. 4,3,2 [4,3,2; quick: 4,2]")
-    p.add_argument("--methods", type=_csv(str), help=f"columns, subset of {','.join(METHODS)} [all]")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (a scratch directory) [{DEFAULT_OUT}]")
+    p.add_argument("--cache", help="FP model cache directory [OUT/cache]")
+    p.add_argument("--datasets", type=_csv(str), help="comma list of fashion-mnist, digits [fashion-mnist]")
+    p.add_argument("--models", type=_csv(str), help=f"comma list of {', '.join(MODELS)} [resnet20,resnet]")
+    p.add_argument("--seeds", type=_seeds, help="seeds per row: N, or bits=N,... [2=5,4=3; quick: 1]")
+    p.add_argument("--bits", type=_csv(int), help="rows, e.g. 2,3,4 [2,4]")
+    p.add_argument("--methods", type=_csv(str),
+                   help=f"columns, subset of {','.join(METHODS)} [{','.join(DEFAULT_METHODS)}]")
     p.add_argument("--combo", type=_csv(str), help="regularizers of the combination column [cr,fpq,br]")
     p.add_argument("--workers", type=int, help="single-threaded worker processes [2]")
     p.add_argument("--width", type=int, help="model width [16]")
-    p.add_argument("--fashion-train", type=int, help="Fashion-MNIST training images used [10000]")
+    p.add_argument("--fashion-train", type=int, help="Fashion-MNIST training images used [20000]")
     p.add_argument("--fp-epochs", type=_epochs, help="FP epochs: N (all datasets) or e.g. fashion-mnist=8,digits=15")
     p.add_argument("--qat-epochs", type=_epochs, help="QAT epochs: N (all datasets) or e.g. fashion-mnist=2,digits=6")
     p.add_argument("--timing-steps", type=int, help="measured steps per method in the step-time benchmark")
     p.add_argument("--resume", action="store_true",
-                   help="reuse finished runs in OUT/runs whose config matches (after an interruption)")
+                   help="(the default) reuse finished runs in OUT/runs whose config matches")
+    p.add_argument("--rerun", action="store_true", help="ignore finished runs in OUT/runs and train them again")
+    p.add_argument("--plan", action="store_true",
+                   help="print the runs and an estimated wall time (from measured step costs), train nothing")
     p.add_argument("--report-only", action="store_true",
                    help="no training: rebuild results.json / tables / plots from the finished runs in OUT/runs")
     return p.parse_args(list(argv) if argv is not None else None)
@@ -87,16 +104,19 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if args.models is not None:
         s.models = args.models
     for m in s.models:
-        if m not in ("resnet", "cnn"):
-            raise ValueError(f"--models: unknown model {m!r}; choose resnet or cnn")
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError("--seeds must be >= 1")
-        s.seeds = args.seeds
+        if m not in MODELS:
+            raise ValueError(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
     if args.bits is not None:
         if any(not 2 <= b <= 8 for b in args.bits):
             raise ValueError("--bits: each must be 2..8")
-        s.bits = sorted(set(args.bits), reverse=True)
+        s.bits = sorted(set(args.bits))
+    if args.seeds is not None:
+        if isinstance(args.seeds, int):
+            s.seeds, s.default_seeds = {}, args.seeds
+        else:
+            s.seeds = {**s.seeds, **args.seeds}
+        if any(n < 1 for n in [s.default_seeds, *s.seeds.values()]):
+            raise ValueError("--seeds must be >= 1")
     if args.methods is not None:
         bad = [m for m in args.methods if m not in METHODS]
         if bad:
@@ -220,7 +240,9 @@ def _run_all(jobs: list[tuple[str, dict[str, Any]]], workers: int, t_start: floa
     return results
 
 
-_COST = {"combo": 6.0, "fpq": 4.0, "cr": 3.0, "br": 2.5, "lsq": 2.0, "nncf": 1.5, "nncf8": 1.5}
+# relative cost of a run (scheduling only: the longest runs go first)
+_COST = {"combo": 2.6, "cr": 2.0, "fpq": 1.3, "br": 1.3, "kd": 1.15, "lsq": 1.0, "nncf": 1.1, "nncf8": 1.1}
+_MODEL_COST = {"resnet20": 2.0, "resnet": 1.0, "cnn": 0.5}
 
 
 def _existing(out: Path, fn: str, task: dict[str, Any]) -> dict[str, Any] | None:
@@ -258,9 +280,38 @@ def _timing_key(task: dict[str, Any]) -> str:
     return json.dumps(keep, sort_keys=True)
 
 
+# one-thread step cost in seconds at batch 128 and 28x28 inputs, measured on this machine (shared/facts.md,
+# 2026-12-01): (FP step, LSQ QAT step); scales with the pixel count
+_STEP_S = {"resnet20": (0.345, 0.856), "resnet": (0.165, 0.431), "cnn": (0.08, 0.2)}
+
+
+def estimate_wall_s(s: BenchSettings) -> dict[str, float]:
+    """Rough wall time of ``s`` on idle cores: FP + QAT steps (method cost factors of ``_COST``), one test-set
+    evaluation and BN re-estimation per epoch, divided over ``s.workers`` processes."""
+    total = {"fp_s": 0.0, "qat_s": 0.0}
+    for ds in s.datasets:
+        pix = (28 // s.fashion_pool) ** 2 / 784 if ds == "fashion-mnist" else 64 / 784
+        bs = s.batch_size[ds]
+        n_train = s.fashion_train if ds == "fashion-mnist" else (s.digits_limit or 1347)
+        n_test = 10000 if ds == "fashion-mnist" else 450
+        spe = -(-n_train // bs)
+        for m in s.models:
+            fp_step, q_step = (c * pix * bs / 128 for c in _STEP_S[m])
+            n_fp = max(seeds_for(s, b) for b in s.bits)
+            total["fp_s"] += n_fp * s.fp_epochs[ds] * (spe * fp_step + n_test / bs * fp_step / 3)
+            for b in s.bits:
+                for method in s.methods:
+                    if method == "nncf8":
+                        continue
+                    per_epoch = spe * q_step * _COST[method] + (n_test / bs + s.bn_reestimate_batches) * q_step / 3
+                    total["qat_s"] += seeds_for(s, b) * s.qat_epochs[ds] * per_epoch
+    total["wall_s"] = (total["fp_s"] + total["qat_s"]) / max(1, s.workers)
+    return total
+
+
 def run_benchmark(s: BenchSettings, out: Path, cache: Path, argv: Sequence[str], *, resume: bool = False,
                   report_only: bool = False) -> dict[str, Any]:
-    from .report import aggregate, markdown_report, plot_accuracy
+    from .report import aggregate, evaluate_targets, markdown_report, plot_accuracy, plot_curves
     from .runner import _fp_path
 
     t_start = time.perf_counter()
@@ -273,7 +324,7 @@ def run_benchmark(s: BenchSettings, out: Path, cache: Path, argv: Sequence[str],
 
     # 1. FP models
     fp_jobs = [("fp", {**base, "dataset": ds, "model": m, "seed": seed})
-               for ds in s.datasets for m in s.models for seed in range(s.seeds)]
+               for ds in s.datasets for m in s.models for seed in range(max(seeds_for(s, b) for b in s.bits))]
     if report_only:
         fp_jobs = [j for j in fp_jobs if _fp_path(cache, s, j[1]["dataset"], j[1]["model"], j[1]["seed"]).is_file()]
     print(f"== FP models: {len(fp_jobs)} (cache {cache})", flush=True)
@@ -286,9 +337,9 @@ def run_benchmark(s: BenchSettings, out: Path, cache: Path, argv: Sequence[str],
     qat_jobs: list[tuple[str, dict[str, Any]]] = []
     for ds in s.datasets:
         for m in s.models:
-            for seed in range(s.seeds):
+            for seed in range(max(seeds_for(s, b) for b in s.bits)):
                 for method in s.methods:
-                    for bits in ([8] if method == "nncf8" else s.bits):
+                    for bits in ([8] if method == "nncf8" else [b for b in s.bits if seed < seeds_for(s, b)]):
                         dep = seed < s.deploy_seeds and (bits in s.deploy_bits or method == "nncf8")
                         qat_jobs.append(("qat", {**base, "dataset": ds, "model": m, "seed": seed, "method": method,
                                                  "bits": bits, "deploy": dep}))
@@ -296,10 +347,11 @@ def run_benchmark(s: BenchSettings, out: Path, cache: Path, argv: Sequence[str],
     timing_jobs = [("timing", {**base, "dataset": ds, "model": m, "bits": tbits, "methods": list(s.methods),
                                "steps": s.timing_steps, "warmup": s.timing_warmup, "memory_steps": s.memory_steps})
                    for ds in s.datasets for m in s.models]
-    size = {"fashion-mnist": 10.0, "digits": 1.0}
+    size = {"fashion-mnist": 10.0 * s.fashion_train / 10000 / s.fashion_pool ** 2, "digits": 1.0}
     # seed by seed (an interrupted run still has complete tables for the first seeds), longest first within
     qat_jobs.sort(key=lambda j: (j[1]["seed"],
-                                 -size[j[1]["dataset"]] * _COST[j[1]["method"]] * s.qat_epochs[j[1]["dataset"]]))
+                                 -size[j[1]["dataset"]] * _COST[j[1]["method"]] * _MODEL_COST.get(j[1]["model"], 1.0)
+                                 * s.qat_epochs[j[1]["dataset"]]))
     jobs = timing_jobs + qat_jobs
     for fn, task in timing_jobs:
         task["task_key"] = _timing_key(task)
@@ -330,6 +382,9 @@ def run_benchmark(s: BenchSettings, out: Path, cache: Path, argv: Sequence[str],
         "command": "python -m qat_plugins bench " + " ".join(argv), "settings": sd, "machine": info,
         "wall_time_s": wall, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": ["qat.augment=false for every QAT run (CR collapsed on doubly augmented inputs); fp.augment=true",
+                  f"train-mode calibration forward; BN statistics re-estimated on {s.bn_reestimate_batches} clean "
+                  "batches before every evaluation (docs/bn.md)",
+                  "each method is paired with LSQ by seed (same FP model, same data order); CIs: t-distribution",
                   "peak memory = sampled current-RSS growth over memory_steps training steps (after malloc_trim), "
                   "per method, in the timing process",
                   "step time relative to LSQ from the interleaved micro-benchmark (timing)",
@@ -346,16 +401,18 @@ def run_benchmark(s: BenchSettings, out: Path, cache: Path, argv: Sequence[str],
     }
     for r in results["timing"]:
         r.pop("step_times_s", None) if s.mode == "tiny" else None
-    _write_json(out / "results.json", results)
     groups = aggregate(results)
+    results["targets"] = {key: evaluate_targets(g, s.bits, s.methods) for key, g in groups.items()}
+    _write_json(out / "results.json", results)
     for key, g in groups.items():
         ds, model = key.split("/")
-        stem = ds if len(s.models) == 1 else f"{ds}_{model}"
-        md = markdown_report(key, g, results)
+        stem = f"{ds}_{model}"
+        md = markdown_report(key, g, results, stem=stem)
         header = (f"<!-- generated by: {results['command']} ; wall {wall / 60:.1f} min ; "
                   f"{results['finished_utc']} -->\n\n")
-        (out / f"{stem}.md").write_text(header + md + f"\n![accuracy vs bits]({stem}.png)\n")
+        atomic_write_bytes(out / f"{stem}.md", (header + md).encode())
         plot_accuracy(key, g, results, out / f"{stem}.png")
+        plot_curves(key, g, results, out / f"{stem}_curves.png")
         print("\n" + md, flush=True)
     if missing:
         print(f"\n{len(missing)} run(s) not finished (missing from the tables): "
@@ -395,6 +452,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    results = run_benchmark(s, Path(args.out), Path(args.cache), argv, resume=args.resume,
-                            report_only=args.report_only)
+    if args.plan:
+        est = estimate_wall_s(s)
+        n = sum(seeds_for(s, b) for b in s.bits) * len(s.methods) * len(s.models) * len(s.datasets)
+        print(f"{n} QAT runs ({', '.join(f'W{b}A{b} x {seeds_for(s, b)} seeds' for b in s.bits)}; "
+              f"{', '.join(s.methods)}; {', '.join(s.models)}); estimated on idle cores: FP {est['fp_s'] / 3600:.2f} h "
+              f"+ QAT {est['qat_s'] / 3600:.2f} h of one thread, {est['wall_s'] / 3600:.2f} h wall on "
+              f"{s.workers} worker(s)")
+        return 0
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else out / "cache"
+    results = run_benchmark(s, out, cache, argv, resume=not args.rerun, report_only=args.report_only)
     return 1 if results["errors"] else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from .._io import atomic_write_bytes
 from .settings import BenchSettings, data_spec, fp_cache_key, regularizer_specs, train_config
 
 __all__ = ["load_bench_data", "fp_task", "qat_task", "train_nncf_qat", "load_fp_model", "run_id", "maxrss_mb",
@@ -121,9 +123,9 @@ def fp_task(task: dict[str, Any]) -> dict[str, Any]:
             "train_time_s": wall, "key": fp_cache_key(s, ds, model, seed), "config": cfg.to_dict(),
             "data_spec": data_spec(s, ds)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": fp.state_dict(), "meta": meta}, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save({"state_dict": fp.state_dict(), "meta": meta}, buf)
+    atomic_write_bytes(path, buf.getvalue())
     return {**meta, "cached": False, "path": str(path)}
 
 
@@ -255,7 +257,5 @@ def qat_task(task: dict[str, Any]) -> dict[str, Any]:
         rec["deploy_time_s"] = time.perf_counter() - t1
     runs = Path(task["out_dir"]) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    tmp = runs / f".{rid}.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=1, default=str))
-    os.replace(tmp, runs / f"{rid}.json")
+    atomic_write_bytes(runs / f"{rid}.json", json.dumps(rec, indent=1, default=str).encode())
     return rec

@@ -114,7 +114,7 @@ def build_method(method: str, fp_model: nn.Module, data: Any, s: BenchSettings, 
     else:
         student = prepare_student(fp, data, cfg)
     regs = attach(student, build_regularizers(specs), fp_model=fp)
-    opt = torch.optim.SGD(T._param_groups(student, cfg.qat.weight_decay), lr=cfg.qat.lr, momentum=cfg.qat.momentum)
+    opt = torch.optim.SGD(T.param_groups(student, cfg.qat.weight_decay), lr=cfg.qat.lr, momentum=cfg.qat.momentum)
     student.train()
     return MethodUnderTest(method, student, regs, opt)
 
@@ -169,7 +169,9 @@ def timing_task(task: dict[str, Any]) -> dict[str, Any]:
         import json
         from pathlib import Path
 
+        from .._io import atomic_write_bytes
+
         runs = Path(task["out_dir"]) / "runs"
         runs.mkdir(parents=True, exist_ok=True)
-        (runs / f"timing_{ds}_{model}_w{bits}.json").write_text(json.dumps(rec, indent=1))
+        atomic_write_bytes(runs / f"timing_{ds}_{model}_w{bits}.json", json.dumps(rec, indent=1).encode())
     return rec
