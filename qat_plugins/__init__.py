@@ -18,19 +18,25 @@ from .regularizers import (
     BlockReplacementRegularizer,
     ConsistencyRegularizer,
     FeaturePerturbationRegularizer,
+    KnowledgeDistillationRegularizer,
     NonFiniteLossError,
     Regularizer,
     RegularizerSet,
     attach,
     build_regularizers,
 )
+from .training.bn import BNSchedule, freeze_bn_stats, reestimate_bn_stats, unfreeze_bn_stats
 
 __version__ = "0.1.0"
+
+from . import integrations  # noqa: E402 - plugins register their quantizer finders / exporters (no NNCF import)
 
 __all__ = [
     "prepare_qat", "qconfig", "qconfig_mapping", "LSQFakeQuantize", "MinMaxFakeQuantize",
     "Regularizer", "RegularizerSet", "attach", "build_regularizers", "NonFiniteLossError",
     "ConsistencyRegularizer", "FeaturePerturbationRegularizer", "BlockReplacementRegularizer",
+    "KnowledgeDistillationRegularizer",
     "export_onnx", "validate_onnx", "compare_formats", "ValidationReport",
+    "BNSchedule", "freeze_bn_stats", "unfreeze_bn_stats", "reestimate_bn_stats",
     "__version__",
 ]
