@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 __all__ = ["main", "run_demo", "DEMO_CONFIG", "DEMO_QUICK_CHANGES", "DEMO_REGULARIZERS"]
 
@@ -403,24 +403,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # --- parser / main -------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return v
+def _int_in(lo: int, hi: int | None) -> Callable[[str], int]:
+    """An argparse type: an int from ``lo`` to ``hi`` (no upper bound when ``None``)."""
+    what = f"an int >= {lo}" if hi is None else f"an int from {lo} to {hi}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
 
 
-def _nproc(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int from 1 to 256, got {text!r}") from None
-    if not 1 <= v <= 256:
-        raise argparse.ArgumentTypeError(f"expected an int from 1 to 256, got {text!r}")
-    return v
+_positive_int = _int_in(0, None)
+_nproc = _int_in(1, 256)
 
 
 def _fraction(text: str) -> float:

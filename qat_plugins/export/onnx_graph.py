@@ -125,6 +125,17 @@ def simplify_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _graph_index(graph: onnx.GraphProto) -> tuple[dict[str, TensorProto], dict[str, onnx.NodeProto],
+                                                  dict[str, list[onnx.NodeProto]], set[str]]:
+    """Constants, producer and consumers of each value, and the graph's output names."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return constant_tensors(graph), producers, consumers, {o.name for o in graph.output}
+
+
 def requantize_relu_outputs(model: onnx.ModelProto) -> int:
     """``DQ -> Relu -> consumers`` becomes ``DQ -> Relu -> Q -> DQ -> consumers`` (same scale and
     zero point as the first DQ, per-tensor grids only). Returns the number of Relu nodes changed.
@@ -134,13 +145,7 @@ def requantize_relu_outputs(model: onnx.ModelProto) -> int:
     quantized residual add) the ``DQ -> Conv`` pattern ONNX Runtime needs to fuse ``QLinearConv``.
     """
     graph = model.graph
-    consts = constant_tensors(graph)
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in graph.output}
+    consts, producers, consumers, graph_outputs = _graph_index(graph)
     new_nodes: list[onnx.NodeProto] = []
     changed = 0
     for node in graph.node:
@@ -190,13 +195,7 @@ def clip_on_grid(model: onnx.ModelProto) -> int:
     import numpy as np
 
     graph = model.graph
-    consts = constant_tensors(graph)
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in graph.output}
+    consts, producers, consumers, graph_outputs = _graph_index(graph)
     replace: dict[int, onnx.NodeProto] = {}
     new_inits: list[TensorProto] = []
     for q in graph.node:
