@@ -353,3 +353,42 @@ def test_skip_policy_counts_and_gives_up(nan_registered):
     strict = update_config(cfg, {"regularizers": [{"name": "nan_test"}], "max_skipped": 2})
     with pytest.raises(NonFiniteLossError, match=r"3 batches skipped .* max_skipped=2"):
         run(strict)
+
+
+# --- CR's ramp-up inside training ---------------------------------------------------------------
+class _RecordingCR(qp.ConsistencyRegularizer):
+    """CR that records the ramp-up factor each training step uses."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.factors: list[float] = []
+
+    def rampup(self) -> float:
+        f = super().rampup()
+        self.factors.append(f)
+        return f
+
+
+def test_cr_rampup_follows_the_training_steps_and_survives_resume(tmp_path, fp_cnn, tiny_data):
+    """The trainer calls CR once per QAT step; the factor at step t is exp(-5 (1 - t/L)^2) (t < L),
+    then 1 -- written out by hand here -- and a resumed run continues the schedule where it stopped
+    (the step counter is checkpointed), so the resumed factors are the uninterrupted run's tail."""
+    import math
+
+    cfg = {**TINY, "regularizers": [], "qat": {"epochs": 2, "augment": False}}  # 3 steps per epoch, 6 in all
+    length = 4
+    expected = [math.exp(-5 * (1 - t / length) ** 2) for t in range(length)] + [1.0, 1.0]
+
+    whole = _RecordingCR(rampup_steps=length)
+    from qat_plugins.training import train_qat
+
+    train_qat(copy.deepcopy(fp_cnn), tiny_data, cfg, regularizers=[whole])
+    assert whole.factors == pytest.approx(expected, rel=1e-12, abs=0)  # same formula, float64 both sides
+
+    ckpt = tmp_path / "ckpt.pt"
+    first = _RecordingCR(rampup_steps=length)
+    train_qat(copy.deepcopy(fp_cnn), tiny_data, cfg, regularizers=[first], checkpoint_path=ckpt, max_steps=2)
+    second = _RecordingCR(rampup_steps=length)
+    train_qat(copy.deepcopy(fp_cnn), tiny_data, cfg, regularizers=[second], checkpoint_path=ckpt, resume=True)
+    assert first.factors == pytest.approx(expected[:2], rel=1e-12, abs=0)
+    assert second.factors == pytest.approx(expected[2:], rel=1e-12, abs=0)
