@@ -13,11 +13,9 @@ bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -27,9 +25,10 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from qat_plugins.cli import main
+
+from cli_files import config_file, snapshot, write_idx, write_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,31 +46,17 @@ KILL_CFG: dict[str, Any] = {
 TOTAL_STEPS = 40
 
 
-def _write(path: Path, cfg: dict) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
 
 def _cli(capsys, argv: list[str]) -> tuple[int, str]:
     rc = main([str(a) for a in argv])
     return rc, capsys.readouterr().err
 
 
-def _snapshot(*dirs: Path) -> dict[str, str]:
-    out = {}
-    for d in dirs:
-        for root, _, files in os.walk(d):
-            for f in files:
-                p = Path(root) / f
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """An uninterrupted run of KILL_CFG (in process): the resume reference and a finished output dir."""
     d = tmp_path_factory.mktemp("finished")
-    cfg = _write(d / "small.yaml", {**KILL_CFG, "output_dir": str(d / "run")})
+    cfg = write_yaml(d / "small.yaml", {**KILL_CFG, "output_dir": str(d / "run")})
     rc = main(["-q", "train", "--config", str(cfg)])
     assert rc == 0
     return d, cfg
@@ -87,32 +72,16 @@ BASE: dict[str, Any] = {
 }
 
 
-def _idx(path: Path, arr: np.ndarray) -> None:
-    path.write_bytes(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes())
-
-
 def _idx_dir(d: Path, n_train: int = 20, n_test: int = 10, truncate: str | None = None) -> Path:
     d.mkdir()
-    _idx(d / "train-images-idx3-ubyte", np.zeros((n_train, 8, 8), np.uint8))
-    _idx(d / "train-labels-idx1-ubyte", np.zeros((n_train,), np.uint8))
-    _idx(d / "t10k-images-idx3-ubyte", np.zeros((n_test, 8, 8), np.uint8))
-    _idx(d / "t10k-labels-idx1-ubyte", np.zeros((n_test,), np.uint8))
+    write_idx(d / "train-images-idx3-ubyte", np.zeros((n_train, 8, 8), np.uint8))
+    write_idx(d / "train-labels-idx1-ubyte", np.zeros((n_train,), np.uint8))
+    write_idx(d / "t10k-images-idx3-ubyte", np.zeros((n_test, 8, 8), np.uint8))
+    write_idx(d / "t10k-labels-idx1-ubyte", np.zeros((n_test,), np.uint8))
     if truncate:
         (d / truncate).write_bytes((d / truncate).read_bytes()[:100])
     return d
 
-
-def _cfg(tmp: Path, name: str = "c.yaml", **changes: Any) -> Path:
-    """BASE with dotted-path changes, output_dir tmp/out."""
-    cfg = json.loads(json.dumps(BASE))
-    cfg["output_dir"] = str(tmp / "out")
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return _write(tmp / name, cfg)
 
 
 def _copy_ckpt(finished_dir: Path, tmp: Path, name: str, cut: int | None = None) -> Path:
@@ -142,39 +111,39 @@ def _foreign_ckpt(tmp: Path) -> Path:
 # (id, argv(tmp, finished_dir, finished_cfg), fragments that must all be in the error line)
 Case = tuple[str, Callable[[Path, Path, Path], list], list[str]]
 CLI_CASES: list[Case] = [
-    ("bits 0", lambda t, f, c: ["train", "--config", _cfg(t, **{"qat.weight_bits": 0})],
+    ("bits 0", lambda t, f, c: ["train", "--config", _cfg_file(t, **{"qat.weight_bits": 0})],
      ["c.yaml", "qat.weight_bits: must be an int from 2 to 8, got 0"]),
-    ("bits 1", lambda t, f, c: ["train", "--config", _cfg(t, **{"qat.act_bits": 1})],
+    ("bits 1", lambda t, f, c: ["train", "--config", _cfg_file(t, **{"qat.act_bits": 1})],
      ["qat.act_bits: must be an int from 2 to 8, got 1"]),
-    ("bits 9", lambda t, f, c: ["train", "--config", _cfg(t, **{"qat.weight_bits": 9})],
+    ("bits 9", lambda t, f, c: ["train", "--config", _cfg_file(t, **{"qat.weight_bits": 9})],
      ["qat.weight_bits: must be an int from 2 to 8, got 9"]),
-    ("bits four", lambda t, f, c: ["train", "--config", _cfg(t, **{"qat.weight_bits": "four"})],
+    ("bits four", lambda t, f, c: ["train", "--config", _cfg_file(t, **{"qat.weight_bits": "four"})],
      ["qat.weight_bits: must be an int from 2 to 8, got 'four'"]),
-    ("unknown regularizer", lambda t, f, c: ["train", "--config", _cfg(t, regularizers=[{"name": "crr"}])],
+    ("unknown regularizer", lambda t, f, c: ["train", "--config", _cfg_file(t, regularizers=[{"name": "crr"}])],
      ["regularizers[0].name: unknown regularizer 'crr'", "known: ['br', 'cr', 'fpq'"]),
-    ("missing block names", lambda t, f, c: ["train", "--config", _cfg(t, regularizers=[{"name": "br"}])],
+    ("missing block names", lambda t, f, c: ["train", "--config", _cfg_file(t, regularizers=[{"name": "br"}])],
      ["regularizers[0].blocks: required for 'br'", "e.g. [layer1, layer2]"]),
     ("layer not in model", lambda t, f, c: ["train", "--config",
-                                            _cfg(t, regularizers=[{"name": "cr", "layers": ["layer9"]}])],
+                                            _cfg_file(t, regularizers=[{"name": "cr", "layers": ["layer9"]}])],
      ["regularizers[0].layers: layer 'layer9' not found", "did you mean 'layer3'", "use module names"]),
     ("block not in model", lambda t, f, c: ["train", "--config",
-                                            _cfg(t, regularizers=[{"name": "br", "blocks": ["layer1", "blocks.3"]}])],
+                                            _cfg_file(t, regularizers=[{"name": "br", "blocks": ["layer1", "blocks.3"]}])],
      ["regularizers[0].blocks: block 'blocks.3' is not in the FP model", "use module names"]),
-    ("negative weight", lambda t, f, c: ["train", "--config", _cfg(t, regularizers=[{"name": "cr", "weight": -0.5}])],
+    ("negative weight", lambda t, f, c: ["train", "--config", _cfg_file(t, regularizers=[{"name": "cr", "weight": -0.5}])],
      ["regularizers[0].weight: must be a", "number >= 0, got -0.5"]),
-    ("unknown key", lambda t, f, c: ["train", "--config", _cfg(t, **{"qat.lrr": 0.1})],
+    ("unknown key", lambda t, f, c: ["train", "--config", _cfg_file(t, **{"qat.lrr": 0.1})],
      ["qat.lrr: unknown key; allowed keys in qat: weight_bits"]),
     ("yaml syntax", lambda t, f, c: ["train", "--config", _text(t / "broken.yaml", "qat: {weight_bits: 4\n")],
      ["cannot parse config file", "broken.yaml"]),
     ("missing config file", lambda t, f, c: ["train", "--config", t / "nope.yaml"],
      ["config file", "nope.yaml does not exist", "check the path"]),
-    ("empty dataset dir", lambda t, f, c: ["train", "--config", _cfg(t, **{"data.name": "idx", "data.data_dir":
+    ("empty dataset dir", lambda t, f, c: ["train", "--config", _cfg_file(t, **{"data.name": "idx", "data.data_dir":
                                                                              str(_mkdir(t / "empty"))})],
      ["data.data_dir:", "has no train-images-idx3-ubyte[.gz]", "expected MNIST-layout idx files"]),
-    ("dataset without samples", lambda t, f, c: ["train", "--config", _cfg(t, **{
+    ("dataset without samples", lambda t, f, c: ["train", "--config", _cfg_file(t, **{
         "data.name": "idx", "data.data_dir": str(_idx_dir(t / "zero", 0, 0))})],
      ["data.data_dir:", "hold no samples", "re-download"]),
-    ("corrupted idx file", lambda t, f, c: ["train", "--config", _cfg(t, **{
+    ("corrupted idx file", lambda t, f, c: ["train", "--config", _cfg_file(t, **{
         "data.name": "idx", "data.data_dir": str(_idx_dir(t / "idx", truncate="t10k-images-idx3-ubyte"))})],
      ["data.data_dir:", "t10k-images-idx3-ubyte is truncated or corrupt", "re-download"]),
     ("unknown flag", lambda t, f, c: ["train", "--config", c, "--bogus"],
@@ -196,7 +165,7 @@ CLI_CASES: list[Case] = [
                                               _copy_ckpt(f, t, "trunc", cut=5000), "--resume"],
      ["trunc/checkpoint.pt is truncated or corrupt", "start again without --resume"]),
     ("checkpoint of another config", lambda t, f, c: [
-        "train", "--config", _write(t / "other.yaml", {**KILL_CFG, "qat": {"epochs": 5, "augment": True, "lr": 0.02}}),
+        "train", "--config", write_yaml(t / "other.yaml", {**KILL_CFG, "qat": {"epochs": 5, "augment": True, "lr": 0.02}}),
         "--output-dir", _copy_ckpt(f, t, "other"), "--resume"],
      ["other/checkpoint.pt was made with a different config", "qat.lr: checkpoint 0.01, config 0.02",
       "resume with the config it was made with"]),
@@ -206,6 +175,11 @@ CLI_CASES: list[Case] = [
     ("foreign checkpoint", lambda t, f, c: ["train", "--config", c, "--output-dir", _foreign_ckpt(t), "--resume"],
      ["foreign/checkpoint.pt is not a qat_plugins training checkpoint", "written by qat-plugins train"]),
 ]
+
+
+def _cfg_file(tmp: Path, name: str = "c.yaml", **changes: Any) -> Path:
+    """BASE with dotted-path changes, output_dir tmp/out."""
+    return config_file(BASE, tmp, name, **changes)
 
 
 def _text(p: Path, text: str) -> Path:
@@ -223,14 +197,14 @@ def test_bad_cli_input_one_line_exit_2_nothing_lost(case, finished, tmp_path, ca
     _, make_argv, fragments = case
     fdir, fcfg = finished
     argv = make_argv(tmp_path, fdir, fcfg)  # creates the case's files
-    before = _snapshot(tmp_path, fdir)
+    before = snapshot(tmp_path, fdir)
     rc, err = _cli(capsys, argv)
     assert rc == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("qat-plugins: error: "), err
     for f in fragments:
         assert f in lines[0], (f, lines[0])
-    assert _snapshot(tmp_path, fdir) == before  # nothing overwritten, deleted or added
+    assert snapshot(tmp_path, fdir) == before  # nothing overwritten, deleted or added
 
 
 # --- Python API ----------------------------------------------------------------------------------
@@ -301,14 +275,14 @@ def test_bad_python_api_input_one_line(name, finished):
     cases = {c[0]: c for c in _api_cases()}
     _, fn, exc, fragments = cases[name]
     fdir, _ = finished
-    before = _snapshot(fdir)
+    before = snapshot(fdir)
     with pytest.raises(exc) as e:
         fn(fdir)
     msg = str(e.value)
     assert "\n" not in msg, msg
     for f in fragments:
         assert f in msg, (f, msg)
-    assert _snapshot(fdir) == before
+    assert snapshot(fdir) == before
 
 
 # --- resume after SIGKILL --------------------------------------------------------------------------
@@ -322,7 +296,7 @@ def _step_of(ckpt: Path) -> int:
 def test_sigkill_then_resume_equals_uninterrupted(finished, tmp_path, capsys):
     fdir, _ = finished
     out = tmp_path / "killed"
-    cfg = _write(tmp_path / "small.yaml", {**KILL_CFG, "output_dir": str(out)})
+    cfg = write_yaml(tmp_path / "small.yaml", {**KILL_CFG, "output_dir": str(out)})
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "qat_plugins", "-q", "train", "--config", str(cfg)], cwd=tmp_path,

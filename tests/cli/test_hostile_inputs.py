@@ -10,13 +10,11 @@ cases (two runs on one directory, a stale lock, disk full, SIGTERM, a SIGKILLed 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import resource
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -30,6 +28,8 @@ import yaml
 
 from qat_plugins.cli import main
 
+from cli_files import config_file, snapshot, write_idx, write_yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # 64 training digits, batch 32: 2 QAT steps; trains in about a second.
@@ -42,9 +42,10 @@ BASE: dict[str, Any] = {
 }
 
 
-def _write(path: Path, cfg: Any) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+
+def _cfg_file(tmp: Path, name: str = "c.yaml", **changes: Any) -> Path:
+    """BASE with dotted-path changes, output_dir tmp/out."""
+    return config_file(BASE, tmp, name, **changes)
 
 
 def _text(path: Path, text: str | bytes) -> Path:
@@ -55,49 +56,22 @@ def _text(path: Path, text: str | bytes) -> Path:
     return path
 
 
-def _cfg(tmp: Path, name: str = "c.yaml", **changes: Any) -> Path:
-    """BASE with dotted-path changes, output_dir tmp/out."""
-    cfg = json.loads(json.dumps(BASE))
-    cfg["output_dir"] = str(tmp / "out")
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return _write(tmp / name, cfg)
-
-
-def _idx(path: Path, arr: np.ndarray, code: int = 8) -> None:
-    body = arr.astype({8: np.uint8, 9: np.int8, 0x0D: ">f4"}[code]).tobytes()
-    path.write_bytes(bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + body)
-
 
 def _idx_dir(tmp: Path, name: str = "idx", *, train_labels: Any = None, label_code: int = 8,
              train_images: np.ndarray | None = None, test_images: np.ndarray | None = None,
              image_code: int = 8) -> Path:
     d = tmp / name
     d.mkdir()
-    _idx(d / "train-images-idx3-ubyte", np.zeros((20, 8, 8)) if train_images is None else train_images, image_code)
+    write_idx(d / "train-images-idx3-ubyte", np.zeros((20, 8, 8)) if train_images is None else train_images, image_code)
     labels = np.arange(20) % 10 if train_labels is None else np.asarray(train_labels)
-    _idx(d / "train-labels-idx1-ubyte", labels, label_code)
-    _idx(d / "t10k-images-idx3-ubyte", np.zeros((10, 8, 8)) if test_images is None else test_images)
-    _idx(d / "t10k-labels-idx1-ubyte", np.arange(10) % 10)
+    write_idx(d / "train-labels-idx1-ubyte", labels, label_code)
+    write_idx(d / "t10k-images-idx3-ubyte", np.zeros((10, 8, 8)) if test_images is None else test_images)
+    write_idx(d / "t10k-labels-idx1-ubyte", np.arange(10) % 10)
     return d
 
 
 def _idx_cfg(tmp: Path, d: Path) -> Path:
-    return _cfg(tmp, **{"data.name": "idx", "data.data_dir": str(d)})
-
-
-def _snapshot(*dirs: Path) -> dict[str, str]:
-    out = {}
-    for d in dirs:
-        for root, _, files in os.walk(d):
-            for f in files:
-                p = Path(root) / f
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    return _cfg_file(tmp, **{"data.name": "idx", "data.data_dir": str(d)})
 
 
 def _env() -> dict[str, str]:
@@ -125,11 +99,11 @@ class Ctx:
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory) -> Ctx:
     c = Ctx(tmp_path_factory.mktemp("hostile"))
-    _write(c.cfg, {**BASE, "output_dir": str(c.run)})
+    write_yaml(c.cfg, {**BASE, "output_dir": str(c.run)})
     assert main(["-q", "train", "--config", str(c.cfg)]) == 0
     assert main(["-q", "export", "--checkpoint", str(c.ckpt), "--out", str(c.onnx)]) == 0
     other = {**BASE, "seed": 7, "model": {"name": "cnn", "width": 6}, "output_dir": str(c.root / "other_run")}
-    assert main(["-q", "train", "--config", str(_write(c.root / "other.yaml", other))]) == 0
+    assert main(["-q", "train", "--config", str(write_yaml(c.root / "other.yaml", other))]) == 0
     assert main(["-q", "export", "--checkpoint", str(c.root / "other_run" / "checkpoint.pt"), "--out",
                  str(c.other_onnx)]) == 0
     return c
@@ -196,30 +170,30 @@ CASES: list[Case] = [
     ("BR temperature NaN", lambda t, c: ["train", "--config", _text(
         t / "n.yaml", "regularizers:\n  - {name: br, blocks: [conv1], temperature: .nan}\n")],
      ["regularizers[0].temperature:", "finite"]),
-    ("string number option", lambda t, c: ["train", "--config", _cfg(t, regularizers=[{"name": "fpq", "p": "0.5"}])],
+    ("string number option", lambda t, c: ["train", "--config", _cfg_file(t, regularizers=[{"name": "fpq", "p": "0.5"}])],
      ["regularizers[0].p:", "'0.5'"]),
-    ("regularizer p out of range", lambda t, c: ["train", "--config", _cfg(t, regularizers=[{"name": "fpq", "p": 2}])],
+    ("regularizer p out of range", lambda t, c: ["train", "--config", _cfg_file(t, regularizers=[{"name": "fpq", "p": 2}])],
      ["regularizers[0].p:", "got 2"]),
-    ("regularizers not a list", lambda t, c: ["train", "--config", _cfg(t, regularizers={"name": "cr"})],
+    ("regularizers not a list", lambda t, c: ["train", "--config", _cfg_file(t, regularizers={"name": "cr"})],
      ["regularizers: must be a list"]),
-    ("regularizer entry a string", lambda t, c: ["train", "--config", _cfg(t, regularizers=["cr"])],
+    ("regularizer entry a string", lambda t, c: ["train", "--config", _cfg_file(t, regularizers=["cr"])],
      ["regularizers[0]: must be a mapping"]),
-    ("regularizer weight bool", lambda t, c: ["train", "--config", _cfg(t, regularizers=[{"name": "cr",
+    ("regularizer weight bool", lambda t, c: ["train", "--config", _cfg_file(t, regularizers=[{"name": "cr",
                                                                                         "weight": True}])],
      ["regularizers[0].weight:"]),
-    ("regularizer unknown option", lambda t, c: ["train", "--config", _cfg(t, regularizers=[{"name": "cr", "tau": 1}])],
+    ("regularizer unknown option", lambda t, c: ["train", "--config", _cfg_file(t, regularizers=[{"name": "cr", "tau": 1}])],
      ["regularizers[0].tau: unknown option for 'cr'"]),
-    ("CR teacher unknown", lambda t, c: ["train", "--config", _cfg(t, regularizers=[{"name": "cr", "teacher": "x"}])],
+    ("CR teacher unknown", lambda t, c: ["train", "--config", _cfg_file(t, regularizers=[{"name": "cr", "teacher": "x"}])],
      ["regularizers[0].teacher:"]),
-    ("unknown top-level key", lambda t, c: ["train", "--config", _cfg(t, epochs=3)], ["epochs: unknown key"]),
-    ("section not a mapping", lambda t, c: ["train", "--config", _cfg(t, qat=3)], ["qat: must be a mapping"]),
-    ("seed negative", lambda t, c: ["train", "--config", _cfg(t, seed=-1)], ["seed: must be an int from 0"]),
-    ("seed float", lambda t, c: ["train", "--config", _cfg(t, seed=1.5)], ["seed: must be an int", "1.5"]),
-    ("batch size 0", lambda t, c: ["train", "--config", _cfg(t, **{"data.batch_size": 0})],
+    ("unknown top-level key", lambda t, c: ["train", "--config", _cfg_file(t, epochs=3)], ["epochs: unknown key"]),
+    ("section not a mapping", lambda t, c: ["train", "--config", _cfg_file(t, qat=3)], ["qat: must be a mapping"]),
+    ("seed negative", lambda t, c: ["train", "--config", _cfg_file(t, seed=-1)], ["seed: must be an int from 0"]),
+    ("seed float", lambda t, c: ["train", "--config", _cfg_file(t, seed=1.5)], ["seed: must be an int", "1.5"]),
+    ("batch size 0", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.batch_size": 0})],
      ["data.batch_size: must be an int from 2 to 65536, got 0"]),
-    ("batch size 1", lambda t, c: ["train", "--config", _cfg(t, **{"data.batch_size": 1})],
+    ("batch size 1", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.batch_size": 1})],
      ["data.batch_size: must be an int from 2 to 65536, got 1"]),
-    ("limit_train 1", lambda t, c: ["train", "--config", _cfg(t, **{"data.limit_train": 1})],
+    ("limit_train 1", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.limit_train": 1})],
      ["data.limit_train: must be an int >= 2 or null, got 1"]),
     ("idx with one training sample", lambda t, c: ["train", "--config", _idx_cfg(t, _idx_dir(
         t, train_images=np.zeros((1, 8, 8)), train_labels=[3]))],
@@ -229,45 +203,45 @@ CASES: list[Case] = [
     ("regularizer weight 1e400", lambda t, c: ["train", "--config", _text(
         t / "w.yaml", "regularizers:\n  - {name: cr, weight: 1e400}\n")],
      ["regularizers[0].weight: must be a finite number, got inf"]),
-    ("regularizer layers a string", lambda t, c: ["train", "--config", _cfg(t, regularizers=[{"name": "cr",
+    ("regularizer layers a string", lambda t, c: ["train", "--config", _cfg_file(t, regularizers=[{"name": "cr",
                                                                                             "layers": "fc"}])],
      ["regularizers[0].layers:", "'fc'"]),
-    ("seed 2**40", lambda t, c: ["train", "--config", _cfg(t, seed=2**40)], ["seed: must be an int from 0 to"]),
-    ("resume without output_dir", lambda t, c: ["train", "--config", _cfg(t, output_dir=None), "--resume"],
+    ("seed 2**40", lambda t, c: ["train", "--config", _cfg_file(t, seed=2**40)], ["seed: must be an int from 0 to"]),
+    ("resume without output_dir", lambda t, c: ["train", "--config", _cfg_file(t, output_dir=None), "--resume"],
      ["output_dir: needed to resume"]),
-    ("batch size string", lambda t, c: ["train", "--config", _cfg(t, **{"data.batch_size": "64"})],
+    ("batch size string", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.batch_size": "64"})],
      ["data.batch_size:", "'64'"]),
-    ("model name unknown", lambda t, c: ["train", "--config", _cfg(t, **{"model.name": "vgg"})],
+    ("model name unknown", lambda t, c: ["train", "--config", _cfg_file(t, **{"model.name": "vgg"})],
      ["model.name: must be one of", "'vgg'"]),
-    ("model width 0", lambda t, c: ["train", "--config", _cfg(t, **{"model.width": 0})], ["model.width:", "got 0"]),
-    ("model width 5000", lambda t, c: ["train", "--config", _cfg(t, **{"model.width": 5000})],
+    ("model width 0", lambda t, c: ["train", "--config", _cfg_file(t, **{"model.width": 0})], ["model.width:", "got 0"]),
+    ("model width 5000", lambda t, c: ["train", "--config", _cfg_file(t, **{"model.width": 5000})],
      ["model.width:", "got 5000"]),
-    ("idx without data_dir", lambda t, c: ["train", "--config", _cfg(t, **{"data.name": "idx"})],
+    ("idx without data_dir", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.name": "idx"})],
      ["data.data_dir: required when data.name is 'idx'"]),
-    ("data size 7", lambda t, c: ["train", "--config", _cfg(t, **{"data.size": 7})], ["data.size:", "got 7"]),
-    ("size for fashion-mnist", lambda t, c: ["train", "--config", _cfg(t, **{"data.name": "fashion-mnist",
+    ("data size 7", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.size": 7})], ["data.size:", "got 7"]),
+    ("size for fashion-mnist", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.name": "fashion-mnist",
                                                                              "data.size": 16})],
      ["data.size: only the embedded 'digits'"]),
-    ("num_classes for digits", lambda t, c: ["train", "--config", _cfg(t, **{"data.num_classes": 12})],
+    ("num_classes for digits", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.num_classes": 12})],
      ["data.num_classes: only for data.name 'idx'"]),
-    ("nan_policy unknown", lambda t, c: ["train", "--config", _cfg(t, nan_policy="ignore")],
+    ("nan_policy unknown", lambda t, c: ["train", "--config", _cfg_file(t, nan_policy="ignore")],
      ["nan_policy: must be one of raise, skip"]),
-    ("max_skipped negative", lambda t, c: ["train", "--config", _cfg(t, max_skipped=-1)], ["max_skipped:"]),
-    ("num_threads 0", lambda t, c: ["train", "--config", _cfg(t, num_threads=0)], ["num_threads:", "got 0"]),
-    ("export format unknown", lambda t, c: ["train", "--config", _cfg(t, export=["onnx"])],
+    ("max_skipped negative", lambda t, c: ["train", "--config", _cfg_file(t, max_skipped=-1)], ["max_skipped:"]),
+    ("num_threads 0", lambda t, c: ["train", "--config", _cfg_file(t, num_threads=0)], ["num_threads:", "got 0"]),
+    ("export format unknown", lambda t, c: ["train", "--config", _cfg_file(t, export=["onnx"])],
      ["export: must be a list of distinct formats", "'onnx'"]),
-    ("export format twice", lambda t, c: ["train", "--config", _cfg(t, export=["int8", "int8"])], ["export:"]),
-    ("output_dir empty string", lambda t, c: ["train", "--config", _cfg(t, output_dir="")],
+    ("export format twice", lambda t, c: ["train", "--config", _cfg_file(t, export=["int8", "int8"])], ["export:"]),
+    ("output_dir empty string", lambda t, c: ["train", "--config", _cfg_file(t, output_dir="")],
      ["output_dir: must be a path"]),
-    ("checkpoint_every negative", lambda t, c: ["train", "--config", _cfg(t, checkpoint_every=-1)],
+    ("checkpoint_every negative", lambda t, c: ["train", "--config", _cfg_file(t, checkpoint_every=-1)],
      ["checkpoint_every:"]),
-    ("optimizer unknown", lambda t, c: ["train", "--config", _cfg(t, **{"fp.optimizer": "rmsprop"})],
+    ("optimizer unknown", lambda t, c: ["train", "--config", _cfg_file(t, **{"fp.optimizer": "rmsprop"})],
      ["fp.optimizer: must be one of adam, sgd"]),
-    ("momentum 1.5", lambda t, c: ["train", "--config", _cfg(t, **{"qat.momentum": 1.5})], ["qat.momentum:"]),
-    ("limit_train 0", lambda t, c: ["train", "--config", _cfg(t, **{"data.limit_train": 0})], ["data.limit_train:"]),
-    ("progress a string", lambda t, c: ["train", "--config", _cfg(t, progress="yes")],
+    ("momentum 1.5", lambda t, c: ["train", "--config", _cfg_file(t, **{"qat.momentum": 1.5})], ["qat.momentum:"]),
+    ("limit_train 0", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.limit_train": 0})], ["data.limit_train:"]),
+    ("progress a string", lambda t, c: ["train", "--config", _cfg_file(t, progress="yes")],
      ["progress: must be true or false"]),
-    ("qat epochs 0", lambda t, c: ["train", "--config", _cfg(t, **{"qat.epochs": 0})], ["qat.epochs:", "got 0"]),
+    ("qat epochs 0", lambda t, c: ["train", "--config", _cfg_file(t, **{"qat.epochs": 0})], ["qat.epochs:", "got 0"]),
     # --- data --------------------------------------------------------------------------------------------------
     ("idx label 200", lambda t, c: ["train", "--config", _idx_cfg(t, _idx_dir(t, train_labels=[200] + [0] * 19))],
      ["train-labels-idx1-ubyte: label 200 at index 0 is outside [0, 10)", "data.num_classes"]),
@@ -289,11 +263,11 @@ CASES: list[Case] = [
      ["image and label counts differ"]),
     ("idx corrupt gzip", lambda t, c: ["train", "--config", _idx_cfg(t, _gz_broken(t))],
      ["data.data_dir:", "cannot read idx file", "train-images-idx3-ubyte.gz"]),
-    ("data_dir is a file", lambda t, c: ["train", "--config", _cfg(t, **{"data.name": "idx",
+    ("data_dir is a file", lambda t, c: ["train", "--config", _cfg_file(t, **{"data.name": "idx",
                                                                          "data.data_dir": str(c.cfg)})],
      ["data.data_dir:", "does not exist"]),
     # --- memory -------------------------------------------------------------------------------------------
-    ("out of memory (huge width and batch)", lambda t, c: ["train", "--config", _cfg(
+    ("out of memory (huge width and batch)", lambda t, c: ["train", "--config", _cfg_file(
         t, **{"model.name": "resnet", "model.width": 1024, "data.batch_size": 65536})],
      ["model.width: 1024 needs about", "GB", "lower model.width or data.batch_size"]),
     # --- command line: train --------------------------------------------------------------------------------
@@ -302,7 +276,7 @@ CASES: list[Case] = [
     ("max-steps 1e3", lambda t, c: ["train", "--config", c.cfg, "--max-steps", "1e3"], ["--max-steps", "'1e3'"]),
     ("no command", lambda t, c: [], ["missing command"]),
     ("unknown command", lambda t, c: ["fit"], ["invalid choice: 'fit'"]),
-    ("output dir is a file", lambda t, c: ["train", "--config", _cfg(t), "--output-dir", c.cfg],
+    ("output dir is a file", lambda t, c: ["train", "--config", _cfg_file(t), "--output-dir", c.cfg],
      ["output directory", "run.yaml is a file, not a directory"]),
     ("resume: empty checkpoint", lambda t, c: ["train", "--config", c.cfg, "--output-dir", _ckpt_dir(t, b""),
                                                "--resume"],
@@ -313,9 +287,9 @@ CASES: list[Case] = [
     ("resume: checkpoint is a directory", lambda t, c: ["train", "--config", c.cfg, "--output-dir", _ckpt_as_dir(t),
                                                         "--resume"],
      ["--resume: no checkpoint", "checkpoint.pt"]),
-    ("output dir locked by a live run", lambda t, c: ["train", "--config", _cfg(t), "--output-dir", _locked_dir(t)],
+    ("output dir locked by a live run", lambda t, c: ["train", "--config", _cfg_file(t), "--output-dir", _locked_dir(t)],
      ["locked is in use by another run (pid", "choose another output directory"]),
-    ("output dir locked from another host", lambda t, c: ["train", "--config", _cfg(t), "--output-dir",
+    ("output dir locked from another host", lambda t, c: ["train", "--config", _cfg_file(t), "--output-dir",
                                                           _locked_dir(t, host="other-host", pid=1)],
      ["in use by another run (pid 1 on host other-host", "delete", ".qat_plugins.lock"]),
     # --- command line: export -------------------------------------------------------------------------------
@@ -392,7 +366,7 @@ def _ckpt_as_dir(t: Path) -> Path:
 def test_hostile_input_one_line_exit_2_nothing_lost(case, ctx, tmp_path, capsys):
     _, make_argv, fragments = case
     argv = [str(a) for a in make_argv(tmp_path, ctx)]  # creates the case's files
-    before = _snapshot(tmp_path, ctx.root)
+    before = snapshot(tmp_path, ctx.root)
     t0 = time.perf_counter()
     rc = main(argv)
     err = capsys.readouterr().err
@@ -401,7 +375,7 @@ def test_hostile_input_one_line_exit_2_nothing_lost(case, ctx, tmp_path, capsys)
     assert len(lines) == 1 and lines[0].startswith("qat-plugins: error: "), err
     for f in fragments:
         assert f in lines[0], (f, lines[0])
-    assert _snapshot(tmp_path, ctx.root) == before  # nothing overwritten, deleted or added
+    assert snapshot(tmp_path, ctx.root) == before  # nothing overwritten, deleted or added
     assert time.perf_counter() - t0 < 60  # fails at validation time, not after training
 
 
@@ -457,14 +431,14 @@ API_CASES: list[tuple[str, type[BaseException], list[str]]] = [
 
 @pytest.mark.parametrize("name, exc, fragments", API_CASES, ids=[c[0] for c in API_CASES])
 def test_hostile_python_api_one_line(name, exc, fragments, ctx, tmp_path):
-    before = _snapshot(tmp_path, ctx.root)
+    before = snapshot(tmp_path, ctx.root)
     with pytest.raises(exc) as e:
         _api(name)(tmp_path, ctx)
     msg = str(e.value)
     assert "\n" not in msg, msg
     for f in fragments:
         assert f in msg, (f, msg)
-    assert _snapshot(tmp_path, ctx.root) == before
+    assert snapshot(tmp_path, ctx.root) == before
 
 
 # --- config parsing that must be accepted -----------------------------------------------------------------
@@ -525,7 +499,7 @@ def test_nan_policy_skip_never_exits_0_with_nan(tmp_path, capsys):
 
     register("nanreg", NaNReg)
     try:
-        cfg = _cfg(tmp_path, regularizers=[{"name": "nanreg"}], nan_policy="skip", max_skipped=1000)
+        cfg = _cfg_file(tmp_path, regularizers=[{"name": "nanreg"}], nan_policy="skip", max_skipped=1000)
         rc = main(["-q", "train", "--config", str(cfg)])
     finally:
         REGISTRY.pop("nanreg", None)
@@ -565,11 +539,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
 
 def test_two_runs_one_directory_second_refused_then_stale_lock_taken_over(tmp_path):
     out = tmp_path / "run"
-    cfg = _write(tmp_path / "slow.yaml", {**SLOW, "output_dir": str(out)})
+    cfg = write_yaml(tmp_path / "slow.yaml", {**SLOW, "output_dir": str(out)})
     a = _spawn(["train", "--config", str(cfg)], tmp_path)
     try:
         _wait_for(out / ".qat_plugins.lock", a)  # A holds the lock (and goes on to train for minutes)
-        before = _snapshot(out)
+        before = snapshot(out)
         b = subprocess.run([sys.executable, "-m", "qat_plugins", "-q", "train", "--config", str(cfg), "--resume"],
                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
         assert b.returncode == 2, b.stderr
@@ -577,7 +551,7 @@ def test_two_runs_one_directory_second_refused_then_stale_lock_taken_over(tmp_pa
         assert len(lines) == 1 and f"is in use by another run (pid {a.pid}" in lines[0], b.stderr
         assert a.poll() is None  # B refused while A still ran: no training in B
         kept = {p for p in before if ".write-test-" not in p}
-        assert set(_snapshot(out)) >= kept  # B removed nothing of A's
+        assert set(snapshot(out)) >= kept  # B removed nothing of A's
         lock = json.loads((out / ".qat_plugins.lock").read_text())
         assert lock["pid"] == a.pid and lock["host"] and lock["started"]
         _wait_for(out / "checkpoint.pt", a)  # A trains (its step-0 checkpoint is there to resume from)
@@ -601,7 +575,7 @@ def test_sigterm_one_line_lock_released_resume_possible(tmp_path, capsys):
     import threading
 
     out = tmp_path / "run"
-    cfg = _write(tmp_path / "slow.yaml", {**SLOW, "output_dir": str(out)})
+    cfg = write_yaml(tmp_path / "slow.yaml", {**SLOW, "output_dir": str(out)})
 
     def kill_when_training() -> None:
         deadline = time.monotonic() + 120
@@ -643,7 +617,7 @@ class _FileSizeLimit:
 def test_disk_full_during_checkpoint_write(tmp_path, capsys):
     """``ulimit -f``: the checkpoint write fails; one line naming checkpoint.pt, exit 2, no temp file left."""
     out = tmp_path / "run"
-    cfg = _write(tmp_path / "c.yaml", {**BASE, "output_dir": str(out)})
+    cfg = write_yaml(tmp_path / "c.yaml", {**BASE, "output_dir": str(out)})
     with _FileSizeLimit(20_000):
         rc = main(["-q", "train", "--config", str(cfg)])
     err = capsys.readouterr().err
@@ -654,14 +628,14 @@ def test_disk_full_during_checkpoint_write(tmp_path, capsys):
 
 
 def test_disk_full_during_export_keeps_checkpoint(ctx, tmp_path, capsys):
-    before = _snapshot(ctx.root)
+    before = snapshot(ctx.root)
     with _FileSizeLimit(2_000):
         rc = main(["-q", "export", "--checkpoint", str(ctx.ckpt), "--out", str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "m.onnx: File too large" in lines[0], err
-    assert os.listdir(tmp_path) == [] and _snapshot(ctx.root) == before
+    assert os.listdir(tmp_path) == [] and snapshot(ctx.root) == before
 
 
 def test_stale_temp_file_of_a_killed_export_is_removed(ctx, tmp_path):
@@ -682,7 +656,7 @@ def test_stale_temp_file_of_a_killed_export_is_removed(ctx, tmp_path):
 def test_nproc_per_node_user_error_is_one_line_per_rank(tmp_path):
     """``train --nproc-per-node 2``: a data error found in the workers reads as one line per rank, exit 2,
     without torchrun's ChildFailedError report."""
-    cfg = _cfg(tmp_path, **{"data.name": "idx", "data.data_dir": str(tmp_path / "missing")})
+    cfg = _cfg_file(tmp_path, **{"data.name": "idx", "data.data_dir": str(tmp_path / "missing")})
     p = subprocess.run([sys.executable, "-m", "qat_plugins", "-q", "train", "--config", str(cfg),
                         "--nproc-per-node", "2"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                        timeout=600)
