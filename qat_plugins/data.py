@@ -15,17 +15,17 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 __all__ = [
     "DataSplit", "load_digits_split", "read_idx", "load_idx_dataset", "load_fashion_mnist",
     "FASHION_MNIST_DIR", "RandomShift", "RandomFlip", "GaussianNoise", "Compose", "default_augment",
-    "load_dataset",
+    "load_dataset", "iterate_batches",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -259,3 +259,36 @@ class Compose:
 def default_augment(generator: torch.Generator | None = None) -> Compose:
     """Default for small grayscale images: shift by up to 1 pixel, then N(0, 0.1^2) noise (no flips)."""
     return Compose([RandomShift(1, generator), GaussianNoise(0.1, generator)])
+
+
+def iterate_batches(data: Any, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The package's one batch iterator: ``(inputs, targets)`` batches in order, without shuffling.
+
+    ``data``: a :class:`DataSplit` (its test split), a ``TensorDataset``, an ``(inputs, targets)``
+    tensor pair, a map-style ``Dataset`` (batched by a ``DataLoader``), or an iterable of ``(x, y)``
+    batches such as a ``DataLoader``. One-hot / soft targets become class indices. ``TypeError`` /
+    ``ValueError`` name the batch that is not an ``(inputs, targets)`` pair of matching length.
+    """
+    if isinstance(data, DataSplit):
+        data = data.test
+    if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
+        data = (data.tensors[0], data.tensors[1])
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
+            and data[0].dim() >= 1 and data[1].dim() >= 1 and data[0].shape[0] == data[1].shape[0]:
+        x_all, y_all = data
+        data = ((x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size))
+    elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data must be an iterable of (inputs, targets) batches (a DataLoader or a list) "
+                        f"or a torch Dataset, got {type(data).__name__}")
+    for i, batch in enumerate(data):
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[0], torch.Tensor):
+            raise TypeError(f"batch {i} of data is not an (inputs, targets) pair of tensors "
+                            f"(got {type(batch).__name__}); pass a DataLoader / list of (x, y) batches or a Dataset")
+        x, y = batch[0], torch.as_tensor(batch[1])
+        if y.dim() > 1:  # one-hot / soft targets
+            y = y.argmax(dim=1)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"batch {i}: {x.shape[0]} inputs but {y.shape[0]} targets")
+        yield x, y

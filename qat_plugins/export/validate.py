@@ -19,13 +19,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from ..data import iterate_batches
 from .int4 import int4_weights_to_int8
 from .layerwise import compare_layers
 from .onnx_export import export_onnx, read_metadata
@@ -82,29 +83,6 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _batches(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
-            and data[0].dim() >= 2 and data[1].dim() == 1 and data[0].shape[0] == data[1].shape[0]:
-        data = TensorDataset(data[0], data[1])  # (inputs, targets) tensors of a whole split
-    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        data = DataLoader(data, batch_size=batch_size, shuffle=False)
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be an iterable of (inputs, targets) batches (a DataLoader or a list) "
-                        f"or a torch Dataset, got {type(data).__name__}")
-    for i, batch in enumerate(data):
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[0], torch.Tensor):
-            raise TypeError(f"batch {i} of data is not an (inputs, targets) pair of tensors "
-                            f"(got {type(batch).__name__}); pass a DataLoader / list of (x, y) batches or a Dataset")
-        x, y = batch[0], torch.as_tensor(batch[1])
-        if y.dim() > 1:  # one-hot / soft targets
-            y = y.argmax(dim=1)
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"batch {i}: {x.shape[0]} inputs but {y.shape[0]} targets")
-        yield x, y
 
 
 def _session(path: Path, providers: Sequence[str] | None, num_threads: int | None,
@@ -231,7 +209,7 @@ def validate_onnx(path: str | os.PathLike[str], model: nn.Module, data: Any, *, 
     times: list[float] = []
     n = correct_onnx = correct_torch = agree = 0
     max_diff = 0.0
-    for i, (x, y) in enumerate(_batches(data, batch_size)):
+    for i, (x, y) in enumerate(iterate_batches(data, batch_size)):
         xn = x.detach().float().cpu().numpy()
         _check_shape(xn, declared, i)
         if i == 0:
@@ -307,7 +285,7 @@ def compare_formats(model: nn.Module, example_inputs: Any, data: Any, out_dir: s
     out.mkdir(parents=True, exist_ok=True)
     reports: list[ValidationReport] = []
     kw = dict(batch_size=batch_size, providers=providers, num_threads=num_threads, repeats=repeats)
-    data = list(_batches(data, batch_size))  # iterate once, reuse for every format
+    data = list(iterate_batches(data, batch_size))  # iterate once, reuse for every format
     for fmt in formats:
         path = out / f"{name}_{fmt}.onnx"
         if fmt == "fp32":

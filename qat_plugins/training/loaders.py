@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from ..data import DataSplit, load_dataset
+from ..data import DataSplit, iterate_batches, load_dataset
 from ..taps import first_tensor, unwrap
 from .config import TrainConfig, as_train_config
 from .distributed import is_distributed
@@ -97,27 +97,6 @@ def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
     if is_distributed():
         n = math.ceil(n / torch.distributed.get_world_size())
     return n // batch_size if n % batch_size == 1 else math.ceil(n / batch_size)  # as build_loader
-
-
-def iterate_batches(data: Any, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The one batch iterator of ``training``: ``(inputs, targets)`` in order, without shuffling.
-
-    ``data``: a :class:`~qat_plugins.data.DataSplit` (its test split), a ``TensorDataset``, an
-    ``(inputs, targets)`` tensor pair, a DataLoader / iterable of batches, or a map-style Dataset.
-    """
-    if isinstance(data, DataSplit):
-        data = data.test
-    if isinstance(data, TensorDataset):
-        data = (data.tensors[0], data.tensors[1])
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        for i in range(0, len(x), batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
-        return
-    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
-        data = DataLoader(data, batch_size=batch_size, shuffle=False)
-    for batch in data:
-        yield batch[0], batch[1]
 
 
 def first_batch(data: DataSplit | Dataset, batch_size: int) -> torch.Tensor:
