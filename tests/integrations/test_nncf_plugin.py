@@ -3,7 +3,9 @@ quantizer-finder registration. Real NNCF, real ONNX Runtime (no mocks)."""
 
 from __future__ import annotations
 
+
 import ast
+import contextlib
 import copy
 import math
 import os
@@ -47,19 +49,33 @@ def _low_acts(model):
 
 
 def _captured_inputs(model, quantizers, batches):
-    """Inputs of each quantizer module on ``batches`` (forward pre-hooks, eval mode)."""
+    """Inputs of each quantizer module on ``batches`` (forward pre-hooks), in train mode as the re-fit
+    captures them (BatchNorm with batch statistics; its running statistics are restored)."""
     seen = {name: [] for name in quantizers}
     handles = [q.module.register_forward_pre_hook(lambda m, a, n=name: seen[n].append(a[0].detach().reshape(-1)))
                for name, q in quantizers.items()]
-    try:
-        with torch.no_grad():
-            model.eval()
-            for x, _ in batches:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with _train_mode_without_bn_updates(model):
+        try:
+            with torch.no_grad():
+                for x, _ in batches:
+                    model(x)
+        finally:
+            for h in handles:
+                h.remove()
     return {n: torch.cat(v) for n, v in seen.items()}
+
+
+@contextlib.contextmanager
+def _train_mode_without_bn_updates(model):
+    bn = {k: v.clone() for k, v in model.state_dict().items()
+          if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    was = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.load_state_dict(bn, strict=False)
+        model.train(was)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,13 +193,13 @@ def test_per_channel_activation_range_refit(calib):
     assert not torch.allclose(r2, r8, rtol=1e-3)
     seen = []
     h = qi.module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-    try:
-        with torch.no_grad():
-            q2.eval()
-            for x, _ in calib:
-                q2(x)
-    finally:
-        h.remove()
+    with _train_mode_without_bn_updates(q2):  # as the re-fit captures
+        try:
+            with torch.no_grad():
+                for x, _ in calib:
+                    q2(x)
+        finally:
+            h.remove()
     x = torch.cat(seen)
     assert x.shape[1] == 8
     level_high, lo, hi = (1, -2, 1) if qi.module.signed else (3, 0, 3)
@@ -194,9 +210,10 @@ def test_per_channel_activation_range_refit(calib):
         zp = torch.zeros(8, dtype=torch.int32)
         return (torch.fake_quantize_per_channel_affine(x, s, zp, 1, lo, hi) - x).pow(2).mean(dim=(0, 2, 3))
     m2, m8 = mse(r2), mse(r8)
-    # the re-fit minimises each channel's MSE on exactly these values (256 images, below the sample budget);
-    # 1e-6 relative: float summation order only
-    assert bool((m2 <= m8 * (1 + 1e-6)).all()), (m2, m8)
+    # the re-fit minimises each channel's MSE on exactly these values (256 images, below the sample budget)
+    # over 39 shrinks of their min/max range; where a channel's optimum is its full range, the 8-bit
+    # calibration's range sits a hair off that grid point (measured: 6e-5 relative), hence 1e-4
+    assert bool((m2 <= m8 * (1 + 1e-4)).all()), (m2, m8)
     assert float(m2.sum()) < float(m8.sum())  # measured: 2-3x lower in every channel
     # QAT trains it: LSQ's gradient scale (N = elements per channel) gives a per-channel range gradient
     q2.train()

@@ -262,7 +262,7 @@ def refit_activation_ranges(model: nn.Module, batches: list[Any], quantizers: li
     """Re-fit activation quantizers' ranges at their current width by MSE on calibration activations.
 
     The inputs of ``quantizers`` are captured with forward pre-hooks while the model runs the
-    calibration ``batches`` in eval mode with every quantizer at its target width; each range is then
+    calibration ``batches`` in train mode (batch statistics; BN running statistics restored) with every quantizer at its target width; each range is then
     set to the shrink of its current (max-based) range with the lowest quantization MSE (project
     choice: the same criterion as the torch.ao path's ``init="mse"``), per tensor or, for NNCF's
     per-channel activation quantizers (e.g. depthwise-conv inputs), per channel; at most
@@ -280,14 +280,19 @@ def refit_activation_ranges(model: nn.Module, batches: list[Any], quantizers: li
             layout[key] = (ch, x.dim())
             captured[key].append(_sample(x, ch, budget))
         handles.append(qi.module.register_forward_pre_hook(grab))
+    # train mode: BatchNorm normalises with batch statistics, as in every QAT step that follows; the
+    # FP running statistics do not fit the low-bit network's outputs (docs/bn.md). They are restored.
+    bn_state = {k: v.clone() for k, v in model.state_dict().items()
+                if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     was = model.training
-    model.eval()
+    model.train()
     try:
         for x in batches:
             model(x)
     finally:
         for h in handles:
             h.remove()
+        model.load_state_dict(bn_state, strict=False)
         model.train(was)
     out = {}
     for qi in quantizers:
