@@ -1,9 +1,10 @@
 """ORT vs PyTorch top-1 agreement of the zoo models (tests/export/test_zoo.py) after a longer QAT run.
 
-FP: 600 Adam steps on digits upsampled to 32x32 RGB; QAT: 300 SGD steps, BN re-estimated, int8 export,
-`validate_onnx` on the 450 test images. Single-threaded, a few minutes.
+FP: 600 Adam steps on digits upsampled to 32x32 RGB; QAT: 300 SGD steps, BN re-estimated, biases snapped
+to ORT's int32 grid (``--no-snap``: not), int8 export, `validate_onnx` on the 450 test images.
+Single-threaded, about ten minutes.
 
-    OMP_NUM_THREADS=1 python benchmarks/zoo_agreement.py [eager,fx,pt2e]
+    OMP_NUM_THREADS=1 python benchmarks/zoo_agreement.py [eager,fx,pt2e,nncf] [--no-snap]
 """
 import copy
 import importlib.util
@@ -28,7 +29,7 @@ def _zoo_module():
     return zoo
 
 
-def main(modes: list[str]) -> None:
+def main(modes: list[str], snap: bool = True) -> None:
     torch.set_num_threads(1)
     zoo = _zoo_module()
     d = load_digits_split()
@@ -50,6 +51,8 @@ def main(modes: list[str]) -> None:
                     loss.backward()
                     opt.step()
                 qp.reestimate_bn_stats(q, [(x[j:j + 64], y[j:j + 64]) for j in range(0, 640, 64)])
+                if snap:
+                    qp.snap_biases(q, x[:2])
                 with tempfile.TemporaryDirectory() as td:
                     path = os.path.join(td, "m.onnx")
                     qp.export_onnx(q, path, (xt[:1],), weight_format="int8")
@@ -59,4 +62,5 @@ def main(modes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["eager", "fx", "pt2e"])
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(args[0].split(",") if args else ["eager", "fx", "pt2e", "nncf"], snap="--no-snap" not in sys.argv)

@@ -13,7 +13,7 @@ ONNX and validate in ONNX Runtime::
 """
 
 from .export import ValidationReport, compare_formats, export_onnx, validate_onnx
-from .quant import LSQFakeQuantize, MinMaxFakeQuantize, prepare_qat, qconfig, qconfig_mapping
+from .quant import LSQFakeQuantize, MinMaxFakeQuantize, prepare_qat, qconfig, qconfig_mapping, snap_biases
 from .regularizers import (
     BlockReplacementRegularizer,
     ConsistencyRegularizer,
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 from . import integrations  # noqa: E402 - plugins register their quantizer finders / exporters (no NNCF import)
 
 __all__ = [
-    "prepare_qat", "qconfig", "qconfig_mapping", "LSQFakeQuantize", "MinMaxFakeQuantize",
+    "prepare_qat", "qconfig", "qconfig_mapping", "LSQFakeQuantize", "MinMaxFakeQuantize", "snap_biases",
     "Regularizer", "RegularizerSet", "attach", "build_regularizers", "NonFiniteLossError",
     "ConsistencyRegularizer", "FeaturePerturbationRegularizer", "BlockReplacementRegularizer",
     "KnowledgeDistillationRegularizer",

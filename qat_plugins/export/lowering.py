@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
 
-from .lowering_pt2e import is_pt2e_graph, lower_pt2e_weights
+from ..quant.fold import fold_bn, is_pt2e_graph
+from .lowering_pt2e import lower_pt2e_weights
 from .qdq import DEFAULT_CLIP_MODE, ActivationQDQ, ExportConv, ExportLinear, FloatWeight, QuantizedWeight
 
 __all__ = ["lower_qat_model", "LoweredModel", "WeightInfo", "find_fake_quantizers", "is_converted_model",
@@ -164,30 +165,6 @@ def _move_hooks(old: nn.Module, new: nn.Module) -> None:
         new.qconfig = old.qconfig
 
 
-def _bn_fold(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Folded weight (computed as the QAT module does) and folded bias, eval-mode BN stats."""
-    w = mod.weight.detach()
-    bn = getattr(mod, "bn", None)
-    b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
-    if bn is None:
-        return w, b
-    if bn.training:
-        raise ValueError(
-            f"BatchNorm inside {type(mod).__name__} is still in training mode in eval(); call "
-            "model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats) or model.eval() before export")
-    if bn.running_var is None or bn.running_mean is None or bn.weight is None:
-        raise ValueError(f"{type(mod).__name__}: BatchNorm without running statistics / affine "
-                         "parameters cannot be folded for export")
-    running_std = torch.sqrt(bn.running_var + bn.eps)
-    scale_factor = bn.weight / running_std
-    wshape = [1] * w.dim()
-    wshape[0] = -1
-    w_fold = w * scale_factor.reshape(wshape)
-    mean = bn.running_mean - (b if b is not None else 0)
-    bias = bn.bias - bn.weight * mean / running_std
-    return w_fold.detach(), bias.detach()
-
-
 def _storage(qmin: int, qmax: int, int8_weight_type: str) -> str:
     if int8_weight_type == "auto":
         # U8S8 int16 saturation needs |w| > 64: only full 8-bit signed grids are at risk
@@ -277,7 +254,7 @@ def _weight_module(name: str, mod: nn.Module, fq: FakeQuantizeBase, fmt: str,
             f"cannot export QAT layer '{name}' of type {type(mod).__name__}: supported weight layers "
             "are Conv1d/2d/3d and Linear (with fused BatchNorm / ReLU); leave it unquantized "
             "(qconfig=None) or export the float model")
-    w, bias = _bn_fold(mod)
+    w, bias = fold_bn(mod)
     weight = _lower_weight(name, type(mod).__name__, fq, w, fmt, info, int8_weight_type, grid_limit)
     relu = _fused_relu(mod)
     if is_conv:

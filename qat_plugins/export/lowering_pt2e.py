@@ -17,99 +17,26 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.ao.quantization import FakeQuantizeBase
+
+from ..quant.fold import bn_fold_pattern, const_value, is_pt2e_graph
 
 __all__ = ["lower_pt2e_weights", "is_pt2e_graph"]
 
 _aten = torch.ops.aten
 _CONVS = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default}
 _LINEAR = {_aten.linear.default}
-_BN = {_aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
 MakeWeight = Callable[[str, str, nn.Module, torch.Tensor], nn.Module]
 
 
-def is_pt2e_graph(model: nn.Module) -> bool:
-    """A GraphModule whose conv / linear weights come through fake-quantizer ``call_module`` nodes."""
-    if not isinstance(model, torch.fx.GraphModule):
-        return False
-    for n in model.graph.nodes:
-        if n.op == "call_function" and n.target in _CONVS | _LINEAR and len(n.args) > 1 \
-                and isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "call_module":
-            try:
-                if isinstance(model.get_submodule(str(n.args[1].target)), FakeQuantizeBase):
-                    return True
-            except AttributeError:
-                continue
-    return False
-
-
-def _const_value(gm: torch.fx.GraphModule, node: Any, memo: dict[torch.fx.Node, Any]) -> Any:
-    """Evaluate ``node`` if it depends on parameters / buffers / literals only, else raise KeyError."""
-    if not isinstance(node, torch.fx.Node):
-        if isinstance(node, (list, tuple)):
-            return type(node)(_const_value(gm, a, memo) for a in node)
-        return node
-    if node in memo:
-        return memo[node]
-    if node.op == "get_attr":
-        val: Any = _attr(gm, str(node.target))
-    elif node.op == "call_function" and node.target not in _CONVS | _LINEAR:
-        args = [_const_value(gm, a, memo) for a in node.args]
-        kwargs = {k: _const_value(gm, v, memo) for k, v in node.kwargs.items()}
-        val = node.target(*args, **kwargs)
-    else:
-        raise KeyError(node.name)
-    memo[node] = val
-    return val
-
-
-def _attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach() if isinstance(obj, torch.Tensor) else obj
-
-
-def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
 def _fold_bn(gm: torch.fx.GraphModule, conv: torch.fx.Node, memo: dict[torch.fx.Node, Any]) -> torch.Tensor | None:
-    """If ``conv`` heads torchao's ``/ k [+ b] -> batch_norm(eval)`` pattern, rewire the batch norm's users
-    to ``conv`` and return the folded bias (else ``None``)."""
-    div = _single_user(conv)
-    if div is None or div.target is not _aten.div.Tensor or div.args[0] is not conv:
+    """If ``conv`` heads torchao's conv-bn pattern, rewire the batch norm's users to ``conv`` and return
+    the folded bias (else ``None``)."""
+    found = bn_fold_pattern(gm, conv, memo)
+    if found is None:
         return None
-    try:
-        k = _const_value(gm, div.args[1], memo).reshape(-1)
-        cur, b = div, torch.zeros_like(k)
-        nxt = _single_user(cur)
-        if nxt is not None and nxt.target is _aten.add.Tensor and nxt.args[0] is cur:
-            b = b + _const_value(gm, nxt.args[1], memo).reshape(-1)
-            cur, nxt = nxt, _single_user(nxt)
-        if nxt is None or nxt.target not in _BN or nxt.args[0] is not cur:
-            return None
-        gamma, beta, mean, var = (_const_value(gm, a, memo) for a in nxt.args[1:5])
-        eps = nxt.args[7] if nxt.target is _aten.batch_norm.default else nxt.args[6]
-        training = nxt.args[5] if nxt.target is _aten.batch_norm.default else False
-    except KeyError:
-        return None
-    if training:
-        return None
-    inv_std = 1.0 / torch.sqrt(var + eps)
-    g = gamma if gamma is not None else torch.ones_like(mean)
-    # batch_norm(y / k + b) = y * g / (std * k) + (b - mean) * g / std + beta; g / (std * k) is 1 up to
-    # float rounding by construction of torchao's pattern (k = g / std) -- checked, not assumed
-    ratio = g * inv_std / k
-    if not torch.allclose(ratio, torch.ones_like(ratio), rtol=1e-4, atol=0):
-        return None
-    bias = (b - mean) * g * inv_std + (beta if beta is not None else 0)
-    bn_out = nxt
-    if bn_out.target is not _aten.batch_norm.default:  # _native_batch_norm_legit_*: a tuple, getitem 0
-        return None
+    bias, bn_out = found
     bn_out.replace_all_uses_with(conv)
-    return bias.detach().float()
+    return bias
 
 
 def lower_pt2e_weights(gm: torch.fx.GraphModule, make_weight: MakeWeight) -> int:
@@ -133,7 +60,7 @@ def lower_pt2e_weights(gm: torch.fx.GraphModule, make_weight: MakeWeight) -> int
         if not isinstance(fq_node, torch.fx.Node) or not is_fake_quant_node(fq_node):
             continue
         try:
-            w = _const_value(gm, fq_node.args[0], memo)
+            w = const_value(gm, fq_node.args[0], memo)
         except KeyError:
             continue  # weight computed from activations: leave it as Q/DQ
         name = pt2e_module_name(node) or node.name
@@ -159,7 +86,7 @@ def lower_pt2e_weights(gm: torch.fx.GraphModule, make_weight: MakeWeight) -> int
         if bias is not None:
             old = node.args[2] if len(node.args) > 2 else None
             if old is not None:  # a conv bias before the pattern's division passes through it unchanged
-                bias = bias + _const_value(gm, old, memo).detach().float()
+                bias = bias + const_value(gm, old, memo).detach().float()
             bname = target.replace(".", "_") + "_folded_bias"
             gm.register_buffer(bname, bias)
             with gm.graph.inserting_before(node):

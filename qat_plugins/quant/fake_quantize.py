@@ -76,8 +76,10 @@ def fake_quantize(
     """
     s = _view_for(scale, x, ch_axis)
     z = _view_for(zero_point, x, ch_axis).detach()
-    q = _round_ste(torch.clamp(x / s + z, quant_min, quant_max))
-    return (q - z) * s
+    # round(x/s) + z as ONNX QuantizeLinear computes it (z is an integer): rounding x/s + z instead
+    # breaks .5 ties differently for odd z and can round x/s + z onto a tie; values then differ from ORT
+    q = _round_ste(torch.clamp(x / s, quant_min - z, quant_max - z))
+    return q * s
 
 
 class _ObserverView:

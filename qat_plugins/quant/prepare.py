@@ -36,6 +36,32 @@ MODES = ("eager", "fx", "pt2e")
 _QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+# averaging ops: their output gets its own quantizer in FX (torch.ao's native config shares the input's)
+_AVERAGING = {nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
+              nn.AvgPool3d, torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
+              torch.nn.functional.adaptive_avg_pool3d, torch.nn.functional.avg_pool1d,
+              torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d, torch.adaptive_avg_pool1d,
+              torch.avg_pool1d, torch.mean, "mean"}
+
+
+def fx_backend_config() -> Any:
+    """torch.ao's native FX backend config, except that average pooling and ``mean`` quantize their
+    output with a quantizer of their own instead of the input's: a mean of ``N`` values on one grid
+    lands on an exact .5 tie for about ``1/N`` of the outputs, which float summation order then breaks
+    differently in PyTorch and in ORT's integer kernel (docs/onnx_export.md). ORT's own quantizer
+    gives pooling outputs their own scale too."""
+    import torch.ao.quantization.backend_config.utils  # noqa: F401 - the native config needs it loaded
+    from torch.ao.quantization.backend_config import BackendConfig, ObservationType, get_native_backend_config
+
+    native = get_native_backend_config()
+    out = BackendConfig(native.name)
+    for cfg in native.configs:
+        if cfg.pattern in _AVERAGING and cfg.observation_type == ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT:
+            cfg.set_observation_type(ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT)
+        out.set_backend_pattern_config(cfg)
+    return out
+
+
 @contextlib.contextmanager
 def quiet_deprecation() -> Iterator[None]:
     """Silence torch.ao.quantization's deprecation notice (noise for users of this package)."""
@@ -315,7 +341,7 @@ def prepare_qat(
             for name in keep8:
                 mapping.set_module_name(name, qc8)
             try:
-                prepared = prepare_qat_fx(m, mapping, tuple(example_inputs))
+                prepared = prepare_qat_fx(m, mapping, tuple(example_inputs), backend_config=fx_backend_config())
             except (torch.fx.proxy.TraceError, TypeError, NotImplementedError) as e:
                 raise ValueError(
                     f"FX cannot trace {type(model).__name__} ({type(e).__name__}: {e}); use mode='eager', "

@@ -115,6 +115,9 @@ else:
 _ANNOTATOR_ORDER = ("conv_bn_relu", "conv_bn", "linear_relu", "linear", "conv_relu", "conv",
                     "adaptive_avg_pool2d", "add_relu", "add")
 _FQ_PREFIX = "activation_post_process_"
+_AVERAGING_OPS = {torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten.avg_pool2d.default,
+                  torch.ops.aten.mean.dim, torch.ops.aten.adaptive_avg_pool1d.default,
+                  torch.ops.aten.avg_pool1d.default}
 
 
 def _torchao() -> types.SimpleNamespace:
@@ -348,9 +351,19 @@ class LowBitQuantizer(_QuantizerBase):  # type: ignore[misc,valid-type]
                 continue  # the conv-bn annotators export pattern graphs: skip when pointless
             ao.xnn.OP_TO_ANNOTATOR[op](model, self.config, None)
         ao.xnn.propagate_annotation(model)
+        self._own_pool_output(model, ao)
         if self.keep_8bit:
             self._apply_keep_8bit(model, ao)
         return model
+
+    def _own_pool_output(self, model: torch.fx.GraphModule, ao: types.SimpleNamespace) -> None:
+        """Average pooling / ``mean`` quantize their output with a quantizer of their own (XNNPACK's
+        annotator shares the input's): the FX path's choice, see ``prepare.fx_backend_config``."""
+        for node in model.graph.nodes:
+            ann = node.meta.get("quantization_annotation")
+            if node.op == "call_function" and node.target in _AVERAGING_OPS and ann is not None \
+                    and isinstance(ann.output_qspec, ao.SharedQuantizationSpec):
+                ann.output_qspec = self.config.output_activation
 
     def validate(self, model: torch.fx.GraphModule) -> None:
         pass

@@ -183,16 +183,10 @@ def _graph(model: nn.Module) -> torch.fx.Graph | None:
     return graph
 
 
-def _builtin_input_quantizer(model: nn.Module, layer_name: str) -> nn.Module | None:
-    graph = _graph(model)
-    if graph is None:
-        return None
+def quantizer_feeding(model: nn.Module, node: torch.fx.Node) -> nn.Module | None:
+    """The activation fake quantizer whose grid the first input of graph ``node`` lies on (``None``: none),
+    walking back through grid-preserving ops; ``model`` is the module the graph calls into."""
     modules = dict(model.named_modules(remove_duplicate=False))  # FX shares a quantizer under several names
-    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == layer_name), None)
-    if node is None and isinstance(model, torch.fx.GraphModule):  # PT2E: the conv is an aten op
-        node = graph_convs(model).get(layer_name)
-    if node is None:
-        return None
     src = node.args[0] if node.args else None
     while isinstance(src, torch.fx.Node):
         if src.op == "call_module":
@@ -208,6 +202,18 @@ def _builtin_input_quantizer(model: nn.Module, layer_name: str) -> nn.Module | N
             return None
         src = src.args[0] if src.args else None
     return None
+
+
+def _builtin_input_quantizer(model: nn.Module, layer_name: str) -> nn.Module | None:
+    graph = _graph(model)
+    if graph is None:
+        return None
+    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == layer_name), None)
+    if node is None and isinstance(model, torch.fx.GraphModule):  # PT2E: the conv is an aten op
+        node = graph_convs(model).get(layer_name)
+    if node is None:
+        return None
+    return quantizer_feeding(model, node)
 
 
 def input_quantizer(model: nn.Module, layer_name: str) -> nn.Module | None:

@@ -72,6 +72,7 @@ class QATConfig:
     per_channel: bool = True
     learnable: bool = True
     augment: bool = True
+    snap_biases: bool = True
     bn: dict[str, Any] = field(default_factory=lambda: dict(BN_DEFAULTS))
 
 
@@ -201,7 +202,7 @@ _FIELDS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
             "epochs": _int(1, 100000), "lr": _float(0.0, lo_open=True), "momentum": _float(0.0, hi=1.0),
             "weight_decay": _float(0.0), "schedule": _choice("cosine", "constant"),
             "keep_first_last_8bit": _bool, "per_channel": _bool, "learnable": _bool, "augment": _bool,
-            "bn": lambda where, v: _bn_section(where, v)},
+            "snap_biases": _bool, "bn": lambda where, v: _bn_section(where, v)},
     "": {"seed": _int(0, 2**31 - 1), "output_dir": _path(), "checkpoint_every": _int(0),
          "nan_policy": _choice("raise", "skip"), "max_skipped": _int(0), "num_threads": _int(1, 1024, optional=True),
          "progress": _bool, "export": _formats},

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import DataSplit, default_augment
-from ..quant import prepare_qat
+from ..quant import prepare_qat, snap_biases
 from ..quant.step_size import activation_quantizers, weight_quantizers
 from ..regularizers import NonFiniteLossError, Regularizer, RegularizerSet, attach, build_regularizers
 from ..taps import first_tensor, unwrap
@@ -396,11 +396,15 @@ def _evaluate_student(student: nn.Module, data: DataSplit, cfg: TrainConfig) -> 
     """Test top-1 of the QAT model: the one place the QAT loop evaluates (epoch ends and the end).
 
     With ``qat.bn.reestimate_batches`` > 0 the BN statistics are first re-estimated on the first training
-    batches, unaugmented (docs/bn.md); the checkpoint saved after an epoch's evaluation holds them.
+    batches, unaugmented (docs/bn.md); the checkpoint saved after an epoch's evaluation holds them. With
+    ``qat.snap_biases`` the biases are then put on the int32 grid of the integer kernels
+    (:func:`~qat_plugins.quant.bias.snap_biases`), so the evaluated model is the one ORT runs.
     """
     n = cfg.qat.bn["reestimate_batches"]
     if n:
         reestimate_bn_stats(student, iterate_batches(data.train, cfg.data.batch_size), n)
+    if cfg.qat.snap_biases:
+        snap_biases(student, data.test.tensors[0][:2])
     return evaluate(student, data.test)
 
 

@@ -167,7 +167,12 @@ def test_bits_and_schemes_carried_into_quantizers(resnet):
     expected = {k: (3, 4) for k in convs[1:]} | {"conv1": (8, 8), "fc": (3, 8)}
     assert _anchor_bits(resnet) == expected
     fc = next(n for n in resnet.graph.nodes if n.target == AT.linear.default)
-    assert _fq_of(resnet, fc.args[0]) is _fq_of(resnet, pt2e_module_output(resnet, "layer3"))
+    pool = next(n for n in resnet.graph.nodes if n.target == AT.adaptive_avg_pool2d.default)
+    # fc reads the pooled features through the pool's own 3-bit quantizer (not layer3's: a mean of
+    # values on one grid would land on .5 ties, docs/onnx_export.md)
+    pooled = _fq_of(resnet, next(iter(pool.users)))
+    assert _fq_of(resnet, fc.args[0]) is pooled and pooled.bits == 3
+    assert pooled is not _fq_of(resnet, pt2e_module_output(resnet, "layer3"))
     assert _fq_of(resnet, next(iter(fc.users))).bits == 8  # the logits
     # per-channel scales get their length (output channels) at the first forward
     m = copy.deepcopy(resnet)

@@ -315,11 +315,13 @@ def test_gradients_reach_qat_weights_and_step_sizes_not_fp(qats, fps, batch, kin
         # residual add, the classifier's) are on no path to a term
         tail = ("layer3.conv2.", "layer3.shortcut.", "layer3.add.", "fc.") if name == "resnet" else ("conv3.", "fc.")
         assert all(n.startswith(tail) for n in no_grad), no_grad
-    elif kind == "fpq":  # FX names its quantizers by number: the same tail, counted (measured 5 / 3)
-        assert len(no_grad) <= {"resnet": 5, "cnn": 3}[name], no_grad
-    else:  # CR (logits + fc input) and BR (logits) terms lie after every activation quantizer; in the
-        # FX ResNet one quantizer (measured: a single shared one) is not reached by CR
-        assert len(no_grad) <= (1 if (kind, name, mode) == ("cr", "resnet", "fx") else 0), no_grad
+    elif kind == "fpq":  # FX names its quantizers by number: the same tail, counted (measured 6 / 4)
+        assert len(no_grad) <= {"resnet": 6, "cnn": 4}[name], no_grad
+    else:  # CR (logits + fc input) and BR (logits) terms lie after every activation quantizer; in FX the
+        # classifier's 8-bit input quantizer re-quantizes the pooled 4-bit grid losslessly at init (zero LSQ
+        # gradient), and in the FX ResNet one more (a single shared one) is not reached by CR
+        allowed = 0 if mode == "eager" else (2 if (kind, name) == ("cr", "resnet") else 1)
+        assert len(no_grad) <= allowed, no_grad
 
 
 def test_br_backward_guidance_reaches_only_the_quantized_prefix(qats, fps, batch):

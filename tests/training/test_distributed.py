@@ -59,7 +59,9 @@ SMALL: dict[str, Any] = {
     "data": {"limit_train": WORLD * BATCH * STEPS, "batch_size": BATCH},  # divisible: no sampler padding
     "model": {"name": "resnet", "width": 4},
     "fp": {"epochs": 0},
-    "qat": {"epochs": 1, "augment": False},
+    # snap_biases off: its per-channel rounding amplifies the float gap between DDP and one process
+    # that the comparison below measures (each rank snaps identically; tests/quant/test_bias.py)
+    "qat": {"epochs": 1, "augment": False, "snap_biases": False},
     "output_dir": None,
     "progress": False,
 }

@@ -392,3 +392,14 @@ def test_cr_rampup_follows_the_training_steps_and_survives_resume(tmp_path, fp_c
     train_qat(copy.deepcopy(fp_cnn), tiny_data, cfg, regularizers=[second], checkpoint_path=ckpt, resume=True)
     assert first.factors == pytest.approx(expected[:2], rel=1e-12, abs=0)
     assert second.factors == pytest.approx(expected[2:], rel=1e-12, abs=0)
+
+
+def test_trainer_snaps_biases_unless_told_not_to(reference):
+    """The evaluated (and exported) model has its biases on ORT's int32 grid; ``qat.snap_biases: false`` keeps
+    the float biases."""
+    ref, _ = reference
+    x = load_data(load_config(TINY)).test.tensors[0][:2]
+    assert all(s.max_shift_steps < 2e-3 for s in qp.snap_biases(copy.deepcopy(ref.model), x))
+    off = run(update_config(TINY, {"qat.snap_biases": False}))
+    snaps = qp.snap_biases(copy.deepcopy(off.model), x)
+    assert snaps and max(s.max_shift_steps for s in snaps) > 0.05

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from ...export import export_onnx
+from ...quant.bias import BiasSnap, snap_to_grid
 from ...quant.fake_quantize import LSQFakeQuantize
 from ._compat import hook_storage, require_nncf
-from .quantizers import QuantizerInfo, nncf_quantizers, op_module_name, resolve
+from .quantizers import NNCFQuantizerFinder, QuantizerInfo, nncf_quantizers, op_module_name, resolve
 
-__all__ = ["to_fake_quant_model", "export_nncf_onnx", "EXPORTER_NAME"]
+__all__ = ["to_fake_quant_model", "export_nncf_onnx", "snap_nncf_biases", "EXPORTER_NAME"]
 
 EXPORTER_NAME = "nncf"
 
@@ -78,6 +79,23 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def _bn_fold(graph: Any, hs: nn.Module, m: nn.Module, qi: QuantizerInfo, layer: nn.Module
+             ) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(bn op, k, folded weight scale, folded bias)`` when the BatchNorm alone after ``layer`` folds into it
+    (``k = gamma / sqrt(var + eps)`` positive, weight grid per output channel or per tensor)."""
+    folded = _following_batch_norm(graph, hs, m, qi.op_name)
+    if folded is None:
+        return None
+    bn_op, bn = folded
+    k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    if not (bool((k > 0).all()) and _channel_axis(qi.module) in (None, 0)):
+        return None
+    _, _, s, _ = qi.module.get_parameters_for_torch_fq()
+    b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    # (q - z) * s * k: the grid of the folded weight
+    return bn_op, k, s.reshape(-1).float() * k, bn.bias + (b - bn.running_mean) * k
+
+
 @torch.no_grad()
 def _lower_weight(m: nn.Module, hs: nn.Module, graph: Any, qi: QuantizerInfo, float_weights: bool) -> None:
     from nncf.torch.function_hook.hook_storage import decode_hook_name  # noqa: PLC0415
@@ -91,24 +109,18 @@ def _lower_weight(m: nn.Module, hs: nn.Module, graph: Any, qi: QuantizerInfo, fl
     w_hat = layer.weight.detach().clone() if float_weights else q.quantize(layer.weight.detach())
     axis = _channel_axis(q)
     scale = None
-    folded = _following_batch_norm(graph, hs, m, qi.op_name)
-    if folded is not None:
-        bn_op, bn = folded
-        k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        if bool((k > 0).all()) and (axis in (None, 0)):
-            _, _, s, _ = q.get_parameters_for_torch_fq()
-            s = s.reshape(-1).float()
-            scale, axis = s * k, 0  # (q - z) * s * k: the grid of the folded weight
-            shape = [-1] + [1] * (w_hat.dim() - 1)
-            w_hat = w_hat * k.reshape(shape)
-            b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-            layer.bias = nn.Parameter(bn.bias + (b - bn.running_mean) * k)
-            for name, hook in list(hs.named_hooks(remove_duplicate=False)):
-                htype, op, port = decode_hook_name(name)
-                if htype == "post_hooks" and op == bn_op:  # the BN output is the conv output now
-                    hs.delete_hook(name)
-                    hs.insert_hook_by_name(f"post_hooks.{qi.op_name}__{port}.{name.rsplit('.', 1)[1]}", hook)
-            _set_module(m, op_module_name(bn_op), nn.Identity())
+    fold = _bn_fold(graph, hs, m, qi, layer)
+    if fold is not None:
+        bn_op, k, scale, bias = fold
+        axis = 0
+        w_hat = w_hat * k.reshape([-1] + [1] * (w_hat.dim() - 1))
+        layer.bias = nn.Parameter(bias)
+        for name, hook in list(hs.named_hooks(remove_duplicate=False)):
+            htype, op, port = decode_hook_name(name)
+            if htype == "post_hooks" and op == bn_op:  # the BN output is the conv output now
+                hs.delete_hook(name)
+                hs.insert_hook_by_name(f"post_hooks.{qi.op_name}__{port}.{name.rsplit('.', 1)[1]}", hook)
+        _set_module(m, op_module_name(bn_op), nn.Identity())
     layer.weight = nn.Parameter(w_hat.detach().clone(), requires_grad=False)
     layer.weight_fake_quant = _fixed_fake_quant(q, axis=axis, activation=False, scale=scale)
     hs.delete_hook(qi.hook_name)
@@ -160,3 +172,45 @@ def export_nncf_onnx(model: nn.Module, path: str | os.PathLike[str], example_inp
     lowered = to_fake_quant_model(model, inputs[0] if len(inputs) == 1 else inputs,
                                   float_weights=weight_format == "fp32")
     return export_onnx(lowered, path, inputs, weight_format=weight_format, **options)
+
+
+@torch.no_grad()
+def snap_nncf_biases(model: nn.Module, example_inputs: Any) -> list[BiasSnap]:
+    """:func:`qat_plugins.snap_biases` for NNCF models: each weight layer whose input one per-tensor
+    activation quantizer produces gets its effective bias (a BatchNorm alone after it folded, as the
+    export folds it) on the grid ``s_in * s_w`` of the exported file; the change goes into the
+    BatchNorm's ``beta`` or the layer's bias. ``example_inputs``: a batch (NNCF's graph is traced)."""
+    require_nncf()
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph  # noqa: PLC0415
+
+    if example_inputs is None:
+        raise ValueError("snap_biases(nncf_model, example_inputs): NNCF models need an example batch")
+    inputs = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 1 \
+        else example_inputs
+    was = model.training
+    model.eval()
+    try:
+        hs = hook_storage(model)
+        graph = build_nncf_graph(model, inputs)
+        finder = NNCFQuantizerFinder()
+        done = []
+        for qi in nncf_quantizers(model):
+            layer = resolve(model, qi.module_name) if qi.kind == "weight" and qi.module_name else None
+            qin = finder.input_quantizer(model, qi.module_name) if layer is not None else None
+            if qin is None or not qi.module.is_enabled_quantization() or not qin.is_enabled_quantization():
+                continue
+            s_in = qin.get_parameters_for_torch_fq()[2]  # the scale the export writes
+            fold = _bn_fold(graph, hs, model, qi, layer)
+            if fold is not None:
+                bn = resolve(model, fold[0])
+                snapped = snap_to_grid(qi.module_name, fold[3], s_in, fold[2], bn.bias)
+            elif _following_batch_norm(graph, hs, model, qi.op_name) is None and layer.bias is not None:
+                s_w = qi.module.get_parameters_for_torch_fq()[2]
+                snapped = snap_to_grid(qi.module_name, layer.bias, s_in, s_w, layer.bias)
+            else:
+                snapped = None  # a BatchNorm that does not fold: the layer's output is not requantized
+            if snapped is not None:
+                done.append(snapped)
+        return done
+    finally:
+        model.train(was)
