@@ -30,7 +30,10 @@ VARIANTS = {
     "fpq": [{"name": "fpq"}],
     "br": [{"name": "br", "blocks": ["layer1", "layer2", "layer3"]}],
     "lsq": None,  # the torch.ao LSQ path on the same TrainConfig (no regularizer)
+    "performance": [],  # plain NNCF with NNCF's "performance" preset (symmetric activations)
+    "mixed": [],  # plain NNCF with the "mixed" preset (asymmetric activations)
 }
+PRESETS = {"performance": "performance", "mixed": "mixed"}  # other variants: the integration's default
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("bits", help="comma-separated widths, e.g. 2,4 (WbAb)")
 parser.add_argument("seeds", help="comma-separated seeds, e.g. 0,1")
@@ -49,7 +52,8 @@ for b in [int(v) for v in args.bits.split(",")]:
             tag = f"w{b}a{b}_{name}_s{seed}" + ("" if args.model == "resnet" else f"_{args.model}")
             cfg = {
                 "input_info": {"sample_size": [1, 1, 8, 8]},
-                "compression": {"algorithm": "quantization", "weights": {"bits": b}, "activations": {"bits": b}},
+                "compression": {"algorithm": "quantization", "weights": {"bits": b}, "activations": {"bits": b},
+                                **({"preset": PRESETS[name]} if name in PRESETS else {})},
                 "qat_plugins": {"regularizers": VARIANTS[name] or [],
                                 "train": {"seed": seed, "dataset": "digits", "model": args.model, "width": 16,
                                           "fp_epochs": 15, "epochs": args.epochs, "lr": 0.01, "batch_size": 64,
