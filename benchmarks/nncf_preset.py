@@ -4,7 +4,9 @@ Loads the benchmark's FP model (cache) and the config of its NNCF run, re-runs t
 given preset (symmetric activations = "performance", NNCF's default; asymmetric = "mixed") and prints
 the test top-1 next to the benchmark's. Single-threaded, a few minutes per run.
 
-    OMP_NUM_THREADS=1 python benchmarks/nncf_preset.py PRESET MODEL SEED BITS [--out bench-results]
+    OMP_NUM_THREADS=1 python benchmarks/nncf_preset.py PRESET MODEL SEED BITS [--weights-lsq] [--out bench-results]
+
+``--weights-lsq``: LSQ's gradient scale on the weight ranges too (the integration's default: activations only).
 """
 import argparse
 import contextlib
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("seed", type=int)
     ap.add_argument("bits", type=int)
     ap.add_argument("--out", default="bench-results", help="the benchmark's output directory")
+    ap.add_argument("--weights-lsq", action="store_true", help="LSQ's gradient scale on weight ranges too")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -46,6 +49,8 @@ def main() -> None:
             student = qn.prepare_qat(fp_model, calib, weight_bits=cfg.qat.weight_bits, act_bits=cfg.qat.act_bits,
                                      subset_size=n, keep_first_last_8bit=cfg.qat.keep_first_last_8bit,
                                      preset=args.preset)
+        if args.weights_lsq:
+            qn.install_lsq_grad_scale(student, kinds=("activation", "weight"))
         return student.train()
 
     res = train_qat(fp, data, cfg, regularizers=[], prepare_fn=prepare)

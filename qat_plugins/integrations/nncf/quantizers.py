@@ -7,7 +7,7 @@ activations: post-hooks on the producing op). Reasoning and measurements: docs/n
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Sequence, NamedTuple
 
 import torch
 from torch import nn
@@ -360,15 +360,16 @@ class _ScaleGrad:
         return grad * self.owner.factor
 
 
-def install_lsq_grad_scale(model: nn.Module) -> int:
-    """Give every NNCF activation quantizer of ``model`` LSQ's gradient scale (idempotent); returns how many.
+def install_lsq_grad_scale(model: nn.Module, kinds: Sequence[str] = ("activation",)) -> int:
+    """Give every NNCF quantizer of the given kinds LSQ's gradient scale (idempotent); returns how many.
 
-    Weight quantizers keep NNCF's own gradient: they quantize the weights before BatchNorm, where LSQ's
-    scale (derived for folded weights) made training unstable (measured, docs/nncf.md).
+    Default ``kinds`` (*project choice*): activations only. Weight quantizers keep NNCF's own gradient:
+    they quantize the weights before BatchNorm, where LSQ's scale (derived for folded weights) made
+    training unstable (measured, docs/nncf.md); ``kinds=("activation", "weight")`` is for experiments.
     """
     n = 0
     for qi in nncf_quantizers(model):
-        if qi.kind != "activation":
+        if qi.kind not in kinds:
             continue
         hooks = qi.module._forward_pre_hooks.values()
         if not any(isinstance(h, _LSQGradScale) for h in hooks):
