@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 import subprocess
@@ -400,3 +401,34 @@ def test_onnx_export_int4_weights(cfg_setup, q8, digits, tmp_path):
     assert "INT4" not in {onnx.TensorProto.DataType.Name(t.data_type) for t in proto8.graph.initializer}
     model.train()
     q8.train()
+
+
+def test_lsq_grad_scale_kinds(q2, digits):
+    """Activation ranges get LSQ's gradient scale by default (prepare_qat installs it), weight ranges only on
+    request; the scaled gradient equals NNCF's own times ``Q_p^1.5 / sqrt(N)`` (docs/nncf.md)."""
+    x, y = digits.train.tensors
+    plain = copy.deepcopy(q2).train()
+    for qi in qn.nncf_quantizers(plain):  # the unscaled reference: drop every installed scale hook
+        qi.module._forward_pre_hooks.clear()
+    scaled = copy.deepcopy(plain)
+    assert qn.install_lsq_grad_scale(scaled) == sum(qi.kind == "activation" for qi in qn.nncf_quantizers(scaled))
+    n_all = qn.install_lsq_grad_scale(scaled, kinds=("activation", "weight"))
+    assert n_all == len(qn.nncf_quantizers(scaled))
+    assert qn.install_lsq_grad_scale(scaled, kinds=("activation", "weight")) == n_all  # idempotent
+    sizes = {}
+    for qi in qn.nncf_quantizers(scaled):
+        qi.module.register_forward_pre_hook(lambda mod, args, k=qi.name: sizes.setdefault(k, args[0].numel()) and None)
+    for m in (plain, scaled):
+        torch.manual_seed(0)
+        nn.functional.cross_entropy(m(x[:64]), y[:64]).backward()
+    checked = 0
+    for a, b in zip(qn.nncf_quantizers(plain), qn.nncf_quantizers(scaled)):
+        ga, gb = a.scale_params[-1].grad, b.scale_params[-1].grad
+        if ga is None or float(ga.abs().sum()) == 0:
+            continue
+        n = sizes[b.name] / ga.numel()  # elements per range entry
+        q_p = b.levels - 1 if len(b.scale_params) == 2 else b.level_high
+        nz = ga != 0
+        torch.testing.assert_close(gb[nz], ga[nz] * (q_p ** 1.5 / math.sqrt(n)), rtol=1e-4, atol=0)
+        checked += 1
+    assert checked >= 10
