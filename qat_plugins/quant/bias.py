@@ -57,7 +57,6 @@ def snap_to_grid(name: str, bias: torch.Tensor, input_step: torch.Tensor, weight
         return None
     grid = input_step.detach().float().reshape(()) * weight_step.detach().float().reshape(-1)
     bias = bias.detach().float().reshape(-1)
-    grid = grid.expand_as(bias) if grid.numel() == 1 else grid
     delta = torch.round(bias / grid) * grid - bias
     target.data.add_(delta.to(target.dtype).reshape(target.shape))
     return BiasSnap(name, float((delta / grid).abs().max()) if delta.numel() else 0.0)

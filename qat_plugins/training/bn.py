@@ -143,6 +143,15 @@ def count_bn_layers(model: nn.Module) -> int:
     return len(_handles(model))
 
 
+def _set_all_frozen(model: nn.Module, frozen: bool) -> int:
+    hs = _handles(model)
+    changed = False
+    for h in hs:
+        changed |= bool(h.set_frozen(frozen, unwrap(model).training))
+    _recompile(model, changed)
+    return len(hs)
+
+
 # --- freeze -------------------------------------------------------------------------------------
 def freeze_bn_stats(model: nn.Module) -> int:
     """Normalize with the running statistics and stop updating them, in every BatchNorm of ``model``.
@@ -152,22 +161,12 @@ def freeze_bn_stats(model: nn.Module) -> int:
     ``training=False`` in their ``aten.batch_norm`` nodes: both are undone by the next
     ``model.train()`` (:class:`BNSchedule` re-applies it every step). Returns the number of layers.
     """
-    hs = _handles(model)
-    changed = False
-    for h in hs:
-        changed |= bool(h.set_frozen(True, unwrap(model).training))
-    _recompile(model, changed)
-    return len(hs)
+    return _set_all_frozen(model, True)
 
 
 def unfreeze_bn_stats(model: nn.Module) -> int:
     """Undo :func:`freeze_bn_stats`: BatchNorm follows the model's train / eval mode again."""
-    hs = _handles(model)
-    changed = False
-    for h in hs:
-        changed |= bool(h.set_frozen(False, unwrap(model).training))
-    _recompile(model, changed)
-    return len(hs)
+    return _set_all_frozen(model, False)
 
 
 def bn_stats_frozen(model: nn.Module) -> bool:
