@@ -7,8 +7,7 @@ the test top-1 next to the benchmark's. Single-threaded, a few minutes per run.
     OMP_NUM_THREADS=1 python benchmarks/nncf_preset.py PRESET MODEL SEED BITS [--weights-lsq] [--out bench-results]
 
 ``--weights-lsq``: LSQ's gradient scale on the weight ranges too (the integration's default: activations only).
-``--stem8``: the quantizer after the first layer (the input of ``layer1.0.conv1`` and of the first residual
-add) at 8 bit, as the torch.ao eager path has it (its stem's output quantizer belongs to the 8-bit stem).
+(The former ``--stem8``, the first layer's output quantizer at 8 bit, is ``qn.prepare_qat``'s default now.)
 """
 import argparse
 import contextlib
@@ -22,7 +21,6 @@ import torch
 from qat_plugins.bench.main import parse_args, settings_from_args
 from qat_plugins.bench.runner import load_bench_data, load_fp_model
 from qat_plugins.integrations import nncf as qn
-from qat_plugins.integrations.nncf.quantizers import INPUT_MAP_ATTR
 from qat_plugins.training import load_config, train_qat
 
 
@@ -34,7 +32,6 @@ def main() -> None:
     ap.add_argument("bits", type=int)
     ap.add_argument("--out", default="bench-results", help="the benchmark's output directory")
     ap.add_argument("--weights-lsq", action="store_true", help="LSQ's gradient scale on weight ranges too")
-    ap.add_argument("--stem8", action="store_true", help="the first layer's output quantizer at 8 bit")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -53,13 +50,6 @@ def main() -> None:
             student = qn.prepare_qat(fp_model, calib, weight_bits=cfg.qat.weight_bits, act_bits=cfg.qat.act_bits,
                                      subset_size=n, keep_first_last_8bit=cfg.qat.keep_first_last_8bit,
                                      preset=args.preset)
-        if args.stem8:
-            hook = student.__dict__[INPUT_MAP_ATTR]["layer1.0.conv1"]
-            stem = [qi for qi in qn.nncf_quantizers(student) if qi.name.endswith(hook)]
-            for qi in stem:
-                qn.set_quantizer_bits(qi, 8)
-            with contextlib.redirect_stdout(io.StringIO()):
-                qn.refit_activation_ranges(student, [b[0] for b in calib], stem)
         if args.weights_lsq:
             qn.install_lsq_grad_scale(student, kinds=("activation", "weight"))
         return student.train()

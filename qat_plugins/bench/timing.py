@@ -149,7 +149,8 @@ def timing_task(task: dict[str, Any]) -> dict[str, Any]:
     ds, model, bits = task["dataset"], task["model"], task["bits"]
     data = load_bench_data(s, ds)
     fp = load_fp_model(task["cache_dir"], s, ds, model, 0, data)
-    methods = {m: build_method(m, fp, data, s, ds, model, bits) for m in task["methods"]}
+    names = list(dict.fromkeys(["lsq", *task["methods"]]))  # LSQ is every ratio's reference
+    methods = {m: build_method(m, fp, data, s, ds, model, bits) for m in names}
     bs = s.batch_size[ds]
     x, y = data.train.tensors
     n = task["steps"]

@@ -101,6 +101,17 @@ def test_bench_resumes_and_reruns_only_missing(bench_run, capsys):
     assert not list((res / "runs").glob(".*tmp*"))  # no half-written files left
 
 
+def test_bench_method_subset_still_times_against_lsq(tmp_path, monkeypatch):
+    """A column subset without LSQ (``--methods cr``) used to crash on its step-time ratio (None)."""
+    monkeypatch.setenv("QAT_PLUGINS_BENCH_TINY", "1")
+    out = tmp_path / "subset"
+    assert main(["--quick", "--workers", "1", "--methods", "cr", "--bits", "4", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["errors"] == [] and {r["method"] for r in data["runs"]} == {"cr"}
+    ratio = data["timing"][0]["relative_to_lsq"]
+    assert ratio["lsq"] == 1.0 and math.isfinite(ratio["cr"]) and ratio["cr"] > 0
+
+
 def test_t_quantiles_match_scipy():
     stats = pytest.importorskip("scipy.stats")
     for df in range(1, 31):

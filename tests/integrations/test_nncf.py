@@ -142,12 +142,15 @@ def test_prepare_8bit(q8, fp_model, digits):
 
 def test_prepare_lowest_bits(q2, digits):
     qs = {q.hook_name: q for q in qn.nncf_quantizers(q2)}
-    # first / last layer (conv1, fc) and their inputs stay at 8 bit
+    # first / last layer (conv1, fc) and their inputs stay at 8 bit, and the first layer's output (after
+    # its BN + ReLU: the input of layer1.conv1 and of the first residual add), as on the torch.ao path
+    stem_out = "post_hooks.relu/relu/0__0.0"
+    assert qn.output_quantizer_map(q2, digits.train.tensors[0][:8])["conv1"] == [stem_out]
     for kept in ("pre_hooks.conv1/conv2d/0__1.0", "pre_hooks.fc/linear/0__1.0",
-                 "post_hooks.x__0.0", "post_hooks.pool/adaptive_avg_pool2d/0__0.0"):
+                 "post_hooks.x__0.0", "post_hooks.pool/adaptive_avg_pool2d/0__0.0", stem_out):
         assert qs[kept].num_bits == 8, kept
     low = [q for n, q in qs.items() if q.num_bits == 2]
-    assert len(low) == len(qs) - 4
+    assert len(low) == len(qs) - 5
     for q in low:
         expected = {(-2, 1)} if q.kind == "weight" else {(0, 3), (-2, 1)}
         assert (q.level_low, q.level_high) in expected, q.name

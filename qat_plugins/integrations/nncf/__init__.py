@@ -14,8 +14,9 @@ from .checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, nncf_model_config, 
 from .config import EXPORT_FORMATS, TRAIN_FIELDS, NNCFQATSetup, from_config, validate_config
 from .export import EXPORTER_NAME, export_nncf_onnx, snap_nncf_biases, to_fake_quant_model
 from .prepare import make_ignored_scope, prepare_qat
-from .quantizers import (NNCFQuantizerFinder, QuantizerInfo, install_lsq_grad_scale, nncf_module_names, nncf_quantizers,
-                         refit_activation_ranges, resolve, set_quantizer_bits)
+from .quantizers import (NNCFQuantizerFinder, QuantizerInfo, input_quantizer_map, install_lsq_grad_scale,
+                         nncf_module_names, nncf_quantizers, output_quantizer_map, refit_activation_ranges, resolve,
+                         set_quantizer_bits)
 from .run import NNCF_CHECKPOINT_NAME, run_config, train_config
 
 __all__ = [
@@ -23,7 +24,7 @@ __all__ = [
     "SequentialWrapper", "set_quantizer_bits", "refit_activation_ranges", "save_checkpoint", "load_checkpoint",
     "export_nncf_onnx", "to_fake_quant_model", "snap_nncf_biases", "make_ignored_scope", "nncf_model_config",
     "rebuild_from_nncf_config", "from_config", "validate_config", "NNCFQATSetup", "run_config", "train_config",
-    "NNCFQuantizerFinder", "install_lsq_grad_scale", "INSTALL_HINT", "SUPPORTED_BITS", "HOOKS_ATTR", "CHECKPOINT_FORMAT",
+    "NNCFQuantizerFinder", "install_lsq_grad_scale", "input_quantizer_map", "output_quantizer_map", "INSTALL_HINT", "SUPPORTED_BITS", "HOOKS_ATTR", "CHECKPOINT_FORMAT",
     "NNCF_CHECKPOINT_NAME", "TRAIN_FIELDS", "EXPORT_FORMATS", "EXPORTER_NAME",
 ]
 

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ...quant.prepare import quantizable_layers
 from ._compat import check_bits, is_nncf_model, require_nncf, wrap_sequential
 from .quantizers import (QuantizerInfo, input_quantizer_map, install_lsq_grad_scale, nncf_module_names,
-                         nncf_quantizers, op_module_name, refit_activation_ranges, resolve, set_quantizer_bits)
+                         nncf_quantizers, op_module_name, output_quantizer_map, refit_activation_ranges, resolve,
+                         set_quantizer_bits)
 
 __all__ = ["prepare_qat", "make_ignored_scope", "calibration_items", "model_inputs", "DEFAULT_SUBSET"]
 
@@ -181,7 +182,8 @@ def prepare_qat(
         target_device: ``"ANY"`` (default), ``"CPU"``, ``"GPU"``, ``"NPU"`` or ``nncf.TargetDevice``.
         subset_size: number of calibration samples (default 300, NNCF's default).
         example_input: a batch to trace the graph (default: the first calibration batch).
-        keep_first_last_8bit: first/last conv or linear keep 8-bit weights and inputs (default true, paper).
+        keep_first_last_8bit: first/last conv or linear keep 8-bit weights and inputs, and the first
+            layer its output quantizer, as the torch.ao path does (default true, paper).
         refit_activations: below 8 bit, re-fit activation ranges by MSE on the calibration activations
             captured at the target widths (default true, project choice).
         lsq_grad_scale: scale the quantizers' range gradients as LSQ does (default true, project choice).
@@ -226,7 +228,8 @@ def prepare_qat(
         model.train(was_training)
     inputs = input_quantizer_map(qmodel, example)
     if low_bits:
-        acts = _apply_bits(qmodel, inputs, weight_bits, act_bits, keep8)
+        first_out = output_quantizer_map(qmodel, example).get(keep8[0], []) if keep8 else []
+        acts = _apply_bits(qmodel, inputs, weight_bits, act_bits, keep8, first_out)
         if refit_activations and acts:
             refit_activation_ranges(qmodel, [model_inputs(it) for it in items], acts)
     if lsq_grad_scale:
@@ -235,10 +238,10 @@ def prepare_qat(
 
 
 def _apply_bits(qmodel: nn.Module, inputs: dict[str, str], weight_bits: int, act_bits: int,
-                keep8: list[str]) -> list[QuantizerInfo]:
+                keep8: list[str], first_out: list[str]) -> list[QuantizerInfo]:
     """Set the widths (weights re-fitted); returns the activation quantizers now below 8 bit."""
     quantizers = nncf_quantizers(qmodel)
-    keep: set[str] = set()
+    keep: set[str] = set(first_out)
     for layer in keep8:
         for qi in quantizers:
             if qi.kind == "weight" and qi.module_name == layer:

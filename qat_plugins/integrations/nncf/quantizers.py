@@ -16,7 +16,7 @@ from ._compat import HOOKS_ATTR, check_bits, has_nncf_quantizers, hook_storage, 
 
 __all__ = ["QuantizerInfo", "nncf_quantizers", "nncf_module_names", "resolve", "op_module_name",
            "set_quantizer_bits", "refit_weight_scale", "refit_activation_ranges", "quantizer_step",
-           "install_lsq_grad_scale", "input_quantizer_map", "NNCFQuantizerFinder", "INPUT_MAP_ATTR"]
+           "install_lsq_grad_scale", "input_quantizer_map", "output_quantizer_map", "NNCFQuantizerFinder", "INPUT_MAP_ATTR"]
 
 INPUT_MAP_ATTR = "qat_plugins_nncf_input_quantizers"  # {layer name: hook name} cached on the model
 
@@ -391,29 +391,67 @@ def _walk_to_quantizer(graph: Any, op_name: str, max_depth: int = 8) -> str | No
             return None
         prev = edges0[0].from_node
         if prev.node_type.endswith("quantize"):
-            for e in graph.get_input_edges(prev):
-                cname = e.from_node.node_name
-                if e.from_node.node_type == "nncf_model_const" and cname.startswith(HOOKS_ATTR + "."):
-                    return cname[len(HOOKS_ATTR) + 1:].rsplit(".", 1)[0]
-            return None
+            return _quantizer_hook(graph, prev)
         if prev.node_type == "nncf_model_input":
             return None
         node = prev
     return None
 
 
-def input_quantizer_map(model: nn.Module, example_input: Any) -> dict[str, str]:
-    """``{layer name: hook name}`` of the activation quantizer producing each weight layer's input,
-    read from NNCF's graph of ``model`` on ``example_input``; cached on the model for the finder."""
+def _quantizer_hook(graph: Any, qnode: Any) -> str | None:
+    """Hook name of the quantizer behind an NNCF graph's quantize node."""
+    for e in graph.get_input_edges(qnode):
+        cname = e.from_node.node_name
+        if e.from_node.node_type == "nncf_model_const" and cname.startswith(HOOKS_ATTR + "."):
+            return cname[len(HOOKS_ATTR) + 1:].rsplit(".", 1)[0]
+    return None
+
+
+def _walk_from_output(graph: Any, op_name: str, max_depth: int = 8) -> list[str]:
+    """Hook names of the activation quantizers on ``op_name``'s output, reached through single-consumer
+    float ops (batch norm, ReLU, ...); empty when the output branches before any quantizer."""
+    try:
+        node = graph.get_node_by_name(op_name)
+    except Exception:  # noqa: BLE001 - op not traced
+        return []
+    for _ in range(max_depth):
+        nexts = [e.to_node for e in graph.get_output_edges(node)]
+        hooks = [h for n in nexts if n.node_type.endswith("quantize") for h in [_quantizer_hook(graph, n)] if h]
+        if hooks:
+            return sorted(set(hooks))
+        if len(nexts) != 1 or nexts[0].node_type == "nncf_model_output":
+            return []
+        node = nexts[0]
+    return []
+
+
+def _graph(model: nn.Module, example_input: Any) -> Any:
     from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph  # noqa: PLC0415
 
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            graph = build_nncf_graph(model, example_input)
+            return build_nncf_graph(model, example_input)
     finally:
         model.train(was)
+
+
+def output_quantizer_map(model: nn.Module, example_input: Any) -> dict[str, list[str]]:
+    """``{layer name: [hook names]}`` of the activation quantizers on each weight layer's output (after
+    its batch norm / activation), read from NNCF's graph of ``model`` on ``example_input``."""
+    graph = _graph(model, example_input)
+    out: dict[str, list[str]] = {}
+    for qi in nncf_quantizers(model):
+        if qi.kind == "weight" and qi.module_name and qi.module_name not in out:
+            out[qi.module_name] = _walk_from_output(graph, qi.op_name)
+    return out
+
+
+def input_quantizer_map(model: nn.Module, example_input: Any) -> dict[str, str]:
+    """``{layer name: hook name}`` of the activation quantizer producing each weight layer's input,
+    read from NNCF's graph of ``model`` on ``example_input``; cached on the model for the finder."""
+    graph = _graph(model, example_input)
     out: dict[str, str] = {}
     for qi in nncf_quantizers(model):
         if qi.kind == "weight" and qi.module_name and qi.module_name not in out:
