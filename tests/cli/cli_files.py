@@ -47,3 +47,39 @@ def snapshot(*dirs: Path) -> dict[str, str]:
                 p = Path(root) / f
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# 64 training digits, batch 32: 2 QAT steps; trains in about a second.
+BASE: dict[str, Any] = {
+    "data": {"limit_train": 64, "batch_size": 32},
+    "model": {"name": "cnn", "width": 4},
+    "fp": {"epochs": 1},
+    "qat": {"epochs": 1, "augment": False},
+    "progress": False,
+}
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a ``python -m qat_plugins`` subprocess: this checkout first, one thread."""
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "OMP_NUM_THREADS": "1"}
+
+
+def error_lines(err: str) -> list[str]:
+    """The ``qat-plugins: ...`` lines of a stderr text."""
+    return [ln for ln in err.splitlines() if ln.startswith("qat-plugins:")]
+
+
+class Ctx:
+    """Shared files: a finished run, its ONNX export, the ONNX file of another model."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.run = root / "run"
+        self.cfg = root / "run.yaml"
+        self.ckpt = self.run / "checkpoint.pt"
+        self.results = self.run / "results.json"
+        self.onnx = root / "model.onnx"
+        self.other_onnx = root / "other.onnx"
