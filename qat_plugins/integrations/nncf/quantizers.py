@@ -256,55 +256,95 @@ def _as_range_input(x: torch.Tensor, ch: int | None, ndim: int) -> torch.Tensor:
     return (x if other < ch else x.t()).contiguous().reshape(shape)
 
 
+class _StopForward(Exception):
+    """Raised by a capture hook once it has what it needs: the rest of the forward is not run."""
+
+
+def _call_order(model: nn.Module, x: Any, quantizers: list[QuantizerInfo]) -> list[tuple[QuantizerInfo, int]]:
+    """``quantizers`` in the order a forward on ``x`` first calls them, with their calls per forward."""
+    calls: dict[str, int] = {}
+    handles = []
+    for qi in quantizers:
+        def count(m: nn.Module, args: tuple[Any, ...], key: str = qi.name) -> None:
+            calls[key] = calls.get(key, 0) + 1
+        handles.append(qi.module.register_forward_pre_hook(count))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    by_name = {qi.name: qi for qi in quantizers}
+    return [(by_name[k], n) for k, n in calls.items()]
+
+
+def _capture(model: nn.Module, batches: list[Any], qi: QuantizerInfo, calls: int, budget: int
+             ) -> tuple[list[torch.Tensor], int | None, int]:
+    """Samples of ``qi``'s inputs over ``batches``; each forward stops after ``qi``'s last call."""
+    captured: list[torch.Tensor] = []
+    layout: list[tuple[int | None, int]] = []
+    seen = [0]
+
+    def grab(m: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        ch = _channel_dim(m, x.dim())
+        layout.append((ch, x.dim()))
+        captured.append(_sample(x, ch, budget))
+        seen[0] += 1
+        if seen[0] == calls:
+            raise _StopForward
+
+    handle = qi.module.register_forward_pre_hook(grab)
+    try:
+        for x in batches:
+            seen[0] = 0
+            try:
+                model(x)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    ch, ndim = layout[0] if layout else (None, 0)
+    return captured, ch, ndim
+
+
 @torch.no_grad()
 def refit_activation_ranges(model: nn.Module, batches: list[Any], quantizers: list[QuantizerInfo],
                             *, max_elements: int = 1 << 20) -> dict[str, tuple[float, float]]:
     """Re-fit activation quantizers' ranges at their current width by MSE on calibration activations.
 
-    The inputs of ``quantizers`` are captured with forward pre-hooks while the model runs the
-    calibration ``batches`` in train mode (batch statistics; BN running statistics restored) with every quantizer at its target width; each range is then
-    set to the shrink of its current (max-based) range with the lowest quantization MSE (project
-    choice: the same criterion as the torch.ao path's ``init="mse"``), per tensor or, for NNCF's
-    per-channel activation quantizers (e.g. depthwise-conv inputs), per channel; at most
-    ``max_elements`` values per quantizer are kept (a fixed stride). Returns ``{name: (mse_before,
-    mse_after)}`` (MSE over all kept values).
+    Greedy, in the order the forward calls them: each quantizer's inputs are captured (forward
+    pre-hook) while the model runs the calibration ``batches`` in train mode (batch statistics; BN
+    running statistics restored) with every quantizer at its target width and every earlier quantizer
+    already re-fitted, so a range is fitted to the inputs it will see, not to inputs distorted by
+    upstream ranges still at their 8-bit calibration. Each range is set to the shrink of its observed
+    min/max range with the lowest quantization MSE (project choice: the criterion of the torch.ao
+    path's ``init="mse"``), per tensor or, for NNCF's per-channel activation quantizers (e.g.
+    depthwise-conv inputs), per channel; at most ``max_elements`` values per quantizer are kept (a
+    fixed stride). Returns ``{name: (mse_before, mse_after)}`` (MSE over all kept values).
     """
-    captured: dict[str, list[torch.Tensor]] = {qi.name: [] for qi in quantizers}
-    layout: dict[str, tuple[int | None, int]] = {}  # name: (channel dim, input rank)
     budget = max(1, max_elements // max(1, len(batches)))  # per batch and quantizer: bounded memory
-    handles = []
-    for qi in quantizers:
-        def grab(m: nn.Module, args: tuple[Any, ...], key: str = qi.name) -> None:
-            x = args[0]
-            ch = _channel_dim(m, x.dim())
-            layout[key] = (ch, x.dim())
-            captured[key].append(_sample(x, ch, budget))
-        handles.append(qi.module.register_forward_pre_hook(grab))
     # train mode: BatchNorm normalises with batch statistics, as in every QAT step that follows; the
     # FP running statistics do not fit the low-bit network's outputs (docs/bn.md). They are restored.
     bn_state = {k: v.clone() for k, v in model.state_dict().items()
                 if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     was = model.training
     model.train()
+    out = {}
     try:
-        for x in batches:
-            model(x)
+        order = _call_order(model, batches[0], quantizers) if batches else []
+        for qi, calls in order:
+            captured, ch, ndim = _capture(model, batches, qi, calls, budget)
+            if not captured or not torch.cat(captured).numel():
+                continue
+            x = _as_range_input(torch.cat(captured), ch, ndim)
+            q = qi.module
+            _reset_range_to_minmax(q, x)
+            before = float((q.quantize(x) - x).pow(2).mean())
+            _search_ranges(q, x, torch.linspace(0.05, 1.0, 39).tolist())
+            out[qi.name] = (before, float((q.quantize(x) - x).pow(2).mean()))
     finally:
-        for h in handles:
-            h.remove()
         model.load_state_dict(bn_state, strict=False)
         model.train(was)
-    out = {}
-    for qi in quantizers:
-        if not captured[qi.name] or not torch.cat(captured[qi.name]).numel():
-            continue
-        ch, ndim = layout[qi.name]
-        x = _as_range_input(torch.cat(captured[qi.name]), ch, ndim)
-        q = qi.module
-        _reset_range_to_minmax(q, x)
-        before = float((q.quantize(x) - x).pow(2).mean())
-        _search_ranges(q, x, torch.linspace(0.05, 1.0, 39).tolist())
-        out[qi.name] = (before, float((q.quantize(x) - x).pow(2).mean()))
     return out
 
 
