@@ -46,7 +46,7 @@ class ConsistencyRegularizer(Regularizer):
     with batch statistics like the training student); temperature=1.0 (project choice);
     rampup_steps=200 (schedule: paper; its length: project choice); feature_weight=1.0 (project
     choice). Weak view as target and strong view as learner follows the usual consistency recipe
-    (project choice; the reverse measured worse, see BENCHMARKS.md).
+    (project choice).
     """
 
     name = "cr"
