@@ -10,8 +10,6 @@ VARIANT: ``eager`` (the benchmark's LSQ column), ``fx`` (``qat.mode: fx``), ``nn
 first N training images, e.g. ``nncf128``).
 """
 import argparse
-import contextlib
-import io
 import json
 import pathlib
 import warnings
@@ -19,8 +17,7 @@ import warnings
 import torch
 
 from qat_plugins.bench.main import parse_args, settings_from_args
-from qat_plugins.bench.runner import load_bench_data, load_fp_model
-from qat_plugins.integrations import nncf as qn
+from qat_plugins.bench.runner import load_bench_data, load_fp_model, prepare_nncf_student
 from qat_plugins.training import load_config, train_qat
 
 RUNS = pathlib.Path(__file__).resolve().parent / "results" / "runs"
@@ -47,15 +44,7 @@ def main() -> None:
         raw["qat"]["mode"] = "fx"
     elif args.variant.startswith("nncf"):
         n = int(args.variant[4:])
-
-        def prepare(fp_model: torch.nn.Module, data, cfg) -> torch.nn.Module:
-            x, y = data.train.tensors
-            bs = cfg.data.batch_size
-            calib = [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
-            with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars
-                student = qn.prepare_qat(fp_model, calib, weight_bits=args.bits, act_bits=args.bits, subset_size=n)
-            return student.train()
-        kw["prepare_fn"] = prepare
+        kw["prepare_fn"] = lambda fp_model, data, cfg: prepare_nncf_student(fp_model, data, cfg, calib_images=n)
     elif args.variant != "eager":
         raise SystemExit(f"unknown variant {args.variant!r}")
     res = train_qat(fp, data, load_config(raw), regularizers=[], **kw)

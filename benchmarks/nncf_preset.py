@@ -10,8 +10,6 @@ the test top-1 next to the benchmark's. Single-threaded, a few minutes per run.
 (The former ``--stem8``, the first layer's output quantizer at 8 bit, is ``qn.prepare_qat``'s default now.)
 """
 import argparse
-import contextlib
-import io
 import json
 import pathlib
 import warnings
@@ -19,7 +17,7 @@ import warnings
 import torch
 
 from qat_plugins.bench.main import parse_args, settings_from_args
-from qat_plugins.bench.runner import load_bench_data, load_fp_model
+from qat_plugins.bench.runner import load_bench_data, load_fp_model, prepare_nncf_student
 from qat_plugins.integrations import nncf as qn
 from qat_plugins.training import load_config, train_qat
 
@@ -42,17 +40,11 @@ def main() -> None:
     ref = json.loads((out / "runs" / f"fashion-mnist_{args.model}_s{args.seed}_nncf_w{args.bits}a{args.bits}.json").read_text())
     cfg = load_config(ref["config"])
 
-    def prepare(fp_model: torch.nn.Module, data, cfg) -> torch.nn.Module:  # as bench.runner.prepare_nncf_student
-        x, y = data.train.tensors
-        bs, n = cfg.data.batch_size, min(300, len(x))
-        calib = [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
-        with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars
-            student = qn.prepare_qat(fp_model, calib, weight_bits=cfg.qat.weight_bits, act_bits=cfg.qat.act_bits,
-                                     subset_size=n, keep_first_last_8bit=cfg.qat.keep_first_last_8bit,
-                                     preset=args.preset)
+    def prepare(fp_model: torch.nn.Module, data, cfg) -> torch.nn.Module:
+        student = prepare_nncf_student(fp_model, data, cfg, preset=args.preset)
         if args.weights_lsq:
             qn.install_lsq_grad_scale(student, kinds=("activation", "weight"))
-        return student.train()
+        return student
 
     res = train_qat(fp, data, cfg, regularizers=[], prepare_fn=prepare)
     print(f"{args.preset} {args.model} seed {args.seed} W{args.bits}A{args.bits}: {100 * res.test_accuracy:.2f} "

@@ -33,7 +33,7 @@ VARIANTS = {
     "performance": [],  # plain NNCF with NNCF's "performance" preset (symmetric activations)
     "mixed": [],  # plain NNCF with the "mixed" preset (asymmetric activations)
 }
-PRESETS = {"performance": "performance", "mixed": "mixed"}  # other variants: the integration's default
+PRESETS = ("performance", "mixed")  # variants named after NNCF presets; others: the integration's default
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("bits", help="comma-separated widths, e.g. 2,4 (WbAb)")
 parser.add_argument("seeds", help="comma-separated seeds, e.g. 0,1")
@@ -53,7 +53,7 @@ for b in [int(v) for v in args.bits.split(",")]:
             cfg = {
                 "input_info": {"sample_size": [1, 1, 8, 8]},
                 "compression": {"algorithm": "quantization", "weights": {"bits": b}, "activations": {"bits": b},
-                                **({"preset": PRESETS[name]} if name in PRESETS else {})},
+                                **({"preset": name} if name in PRESETS else {})},
                 "qat_plugins": {"regularizers": VARIANTS[name] or [],
                                 "train": {"seed": seed, "dataset": "digits", "model": args.model, "width": 16,
                                           "fp_epochs": 15, "epochs": args.epochs, "lr": 0.01, "batch_size": 64,

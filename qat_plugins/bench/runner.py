@@ -140,20 +140,22 @@ def load_fp_model(cache_dir: str | Path, s: BenchSettings, dataset: str, model: 
 
 
 # --- NNCF through the trainer's loop --------------------------------------------------------------
-def prepare_nncf_student(fp_model: nn.Module, data: Any, cfg: Any) -> nn.Module:
-    """NNCF ``prepare_qat`` at the config's widths (calibration: the first <= 300 training samples)."""
+def prepare_nncf_student(fp_model: nn.Module, data: Any, cfg: Any, *, calib_images: int = 300,
+                         **options: Any) -> nn.Module:
+    """NNCF ``prepare_qat`` at the config's widths (calibration: the first ``calib_images`` training samples,
+    NNCF's default 300); ``options`` go to ``qn.prepare_qat`` (``preset=...``, ``lsq_grad_scale=...``)."""
     from ..integrations import nncf as qn
 
     bs = cfg.data.batch_size
     x, y = data.train.tensors
-    n = min(300, len(x))
+    n = min(calib_images, len(x))
     calib = [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
     with open(os.devnull, "w") as devnull:  # NNCF's rich progress bars
         old = sys.stdout
         sys.stdout = devnull
         try:
             student = qn.prepare_qat(fp_model, calib, weight_bits=cfg.qat.weight_bits, act_bits=cfg.qat.act_bits,
-                                     subset_size=n, keep_first_last_8bit=cfg.qat.keep_first_last_8bit)
+                                     subset_size=n, keep_first_last_8bit=cfg.qat.keep_first_last_8bit, **options)
         finally:
             sys.stdout = old
     return student.train()

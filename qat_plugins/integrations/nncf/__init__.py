@@ -24,7 +24,8 @@ __all__ = [
     "SequentialWrapper", "set_quantizer_bits", "refit_activation_ranges", "save_checkpoint", "load_checkpoint",
     "export_nncf_onnx", "to_fake_quant_model", "snap_nncf_biases", "make_ignored_scope", "nncf_model_config",
     "rebuild_from_nncf_config", "from_config", "validate_config", "NNCFQATSetup", "run_config", "train_config",
-    "NNCFQuantizerFinder", "install_lsq_grad_scale", "input_quantizer_map", "output_quantizer_map", "INSTALL_HINT", "SUPPORTED_BITS", "HOOKS_ATTR", "CHECKPOINT_FORMAT",
+    "NNCFQuantizerFinder", "install_lsq_grad_scale", "input_quantizer_map", "output_quantizer_map",
+    "INSTALL_HINT", "SUPPORTED_BITS", "HOOKS_ATTR", "CHECKPOINT_FORMAT",
     "NNCF_CHECKPOINT_NAME", "TRAIN_FIELDS", "EXPORT_FORMATS", "EXPORTER_NAME",
 ]
 

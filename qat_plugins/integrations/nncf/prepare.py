@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ...quant.prepare import quantizable_layers
 from ._compat import check_bits, is_nncf_model, require_nncf, wrap_sequential
-from .quantizers import (QuantizerInfo, input_quantizer_map, install_lsq_grad_scale, nncf_module_names,
-                         nncf_quantizers, op_module_name, output_quantizer_map, refit_activation_ranges, resolve,
-                         set_quantizer_bits)
+from .quantizers import (QuantizerInfo, input_quantizer_map, install_lsq_grad_scale, nncf_graph,
+                         nncf_module_names, nncf_quantizers, op_module_name, output_quantizer_map,
+                         refit_activation_ranges, resolve, set_quantizer_bits)
 
 __all__ = ["prepare_qat", "make_ignored_scope", "calibration_items", "model_inputs", "DEFAULT_SUBSET"]
 
@@ -226,9 +226,10 @@ def prepare_qat(
                                subset_size=len(items), ignored_scope=scope, **options)
     finally:
         model.train(was_training)
-    inputs = input_quantizer_map(qmodel, example)
+    graph = nncf_graph(qmodel, example)  # traced once for both maps
+    inputs = input_quantizer_map(qmodel, example, graph=graph)
     if low_bits:
-        first_out = output_quantizer_map(qmodel, example).get(keep8[0], []) if keep8 else []
+        first_out = output_quantizer_map(qmodel, example, graph=graph).get(keep8[0], []) if keep8 else []
         acts = _apply_bits(qmodel, inputs, weight_bits, act_bits, keep8, first_out)
         if refit_activations and acts:
             refit_activation_ranges(qmodel, [model_inputs(it) for it in items], acts)

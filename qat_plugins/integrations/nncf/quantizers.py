@@ -16,7 +16,8 @@ from ._compat import HOOKS_ATTR, check_bits, has_nncf_quantizers, hook_storage, 
 
 __all__ = ["QuantizerInfo", "nncf_quantizers", "nncf_module_names", "resolve", "op_module_name",
            "set_quantizer_bits", "refit_weight_scale", "refit_activation_ranges", "quantizer_step",
-           "install_lsq_grad_scale", "input_quantizer_map", "output_quantizer_map", "NNCFQuantizerFinder", "INPUT_MAP_ATTR"]
+           "install_lsq_grad_scale", "nncf_graph", "input_quantizer_map", "output_quantizer_map",
+           "NNCFQuantizerFinder", "INPUT_MAP_ATTR"]
 
 INPUT_MAP_ATTR = "qat_plugins_nncf_input_quantizers"  # {layer name: hook name} cached on the model
 
@@ -281,14 +282,13 @@ def _capture(model: nn.Module, batches: list[Any], qi: QuantizerInfo, calls: int
              ) -> tuple[list[torch.Tensor], int | None, int]:
     """Samples of ``qi``'s inputs over ``batches``; each forward stops after ``qi``'s last call."""
     captured: list[torch.Tensor] = []
-    layout: list[tuple[int | None, int]] = []
+    layout: dict[str, Any] = {"ch": None, "ndim": 0}
     seen = [0]
 
     def grab(m: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
-        ch = _channel_dim(m, x.dim())
-        layout.append((ch, x.dim()))
-        captured.append(_sample(x, ch, budget))
+        layout["ch"], layout["ndim"] = _channel_dim(m, x.dim()), x.dim()
+        captured.append(_sample(x, layout["ch"], budget))
         seen[0] += 1
         if seen[0] == calls:
             raise _StopForward
@@ -303,8 +303,7 @@ def _capture(model: nn.Module, batches: list[Any], qi: QuantizerInfo, calls: int
                 pass
     finally:
         handle.remove()
-    ch, ndim = layout[0] if layout else (None, 0)
-    return captured, ch, ndim
+    return captured, layout["ch"], layout["ndim"]
 
 
 @torch.no_grad()
@@ -334,9 +333,10 @@ def refit_activation_ranges(model: nn.Module, batches: list[Any], quantizers: li
         order = _call_order(model, batches[0], quantizers) if batches else []
         for qi, calls in order:
             captured, ch, ndim = _capture(model, batches, qi, calls, budget)
-            if not captured or not torch.cat(captured).numel():
+            values = torch.cat(captured) if captured else None
+            if values is None or not values.numel():
                 continue
-            x = _as_range_input(torch.cat(captured), ch, ndim)
+            x = _as_range_input(values, ch, ndim)
             q = qi.module
             _reset_range_to_minmax(q, x)
             before = float((q.quantize(x) - x).pow(2).mean())
@@ -465,7 +465,9 @@ def _walk_from_output(graph: Any, op_name: str, max_depth: int = 8) -> list[str]
     return []
 
 
-def _graph(model: nn.Module, example_input: Any) -> Any:
+def nncf_graph(model: nn.Module, example_input: Any) -> Any:
+    """NNCF's graph of ``model`` traced (eval mode, no grad) on ``example_input``; pass it to
+    :func:`input_quantizer_map` / :func:`output_quantizer_map` to trace once for both."""
     from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph  # noqa: PLC0415
 
     was = model.training
@@ -477,10 +479,10 @@ def _graph(model: nn.Module, example_input: Any) -> Any:
         model.train(was)
 
 
-def output_quantizer_map(model: nn.Module, example_input: Any) -> dict[str, list[str]]:
+def output_quantizer_map(model: nn.Module, example_input: Any, *, graph: Any = None) -> dict[str, list[str]]:
     """``{layer name: [hook names]}`` of the activation quantizers on each weight layer's output (after
-    its batch norm / activation), read from NNCF's graph of ``model`` on ``example_input``."""
-    graph = _graph(model, example_input)
+    its batch norm / activation), read from NNCF's graph of ``model`` on ``example_input`` (or ``graph``)."""
+    graph = nncf_graph(model, example_input) if graph is None else graph
     out: dict[str, list[str]] = {}
     for qi in nncf_quantizers(model):
         if qi.kind == "weight" and qi.module_name and qi.module_name not in out:
@@ -488,10 +490,10 @@ def output_quantizer_map(model: nn.Module, example_input: Any) -> dict[str, list
     return out
 
 
-def input_quantizer_map(model: nn.Module, example_input: Any) -> dict[str, str]:
+def input_quantizer_map(model: nn.Module, example_input: Any, *, graph: Any = None) -> dict[str, str]:
     """``{layer name: hook name}`` of the activation quantizer producing each weight layer's input,
-    read from NNCF's graph of ``model`` on ``example_input``; cached on the model for the finder."""
-    graph = _graph(model, example_input)
+    read from NNCF's graph of ``model`` on ``example_input`` (or ``graph``); cached on the model for the finder."""
+    graph = nncf_graph(model, example_input) if graph is None else graph
     out: dict[str, str] = {}
     for qi in nncf_quantizers(model):
         if qi.kind == "weight" and qi.module_name and qi.module_name not in out:
