@@ -6,7 +6,8 @@ Modes:
   tracing are fused first; an input ``QuantStub`` and output ``DeQuantStub`` are attached as
   submodules ``qat_input_quant`` / ``qat_output_dequant`` driven by hooks, so the user's module tree
   and names stay as they were. Residual adds and other float ops feeding a quantized layer get an
-  output quantizer too (``docs/regularizers.md``), as the deployed int8 graph has.
+  output quantizer too (``docs/regularizers.md``), as the deployed int8 graph has; a
+  ``FloatFunctional`` add followed by a ReLU is quantized as after the ReLU, as FX's add-relu.
 * ``"fx"`` -- ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` (needs ``example_inputs``).
 * ``"pt2e"`` -- torchao's ``prepare_qat_pt2e`` with :class:`qat_plugins.quant.pt2e.LowBitQuantizer`.
 
@@ -24,6 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import FakeQuantizeBase
 
 from .fake_quantize import quant_range
@@ -201,6 +203,43 @@ def _placement(src: torch.fx.Node, chain: list[torch.fx.Node], modules: dict[str
     return None
 
 
+def _relu_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (torch.relu(args[0]),) + tuple(args[1:])
+
+
+def _quantize_after_relu(m: nn.Module) -> list[str]:
+    """Let the output quantizer of a ``FloatFunctional`` op followed only by a ReLU see the ReLU'd value.
+
+    Eager torch.ao quantizes ``self.add.add(out, identity)`` before the block's ReLU: its grid is fitted
+    to (and its zero point placed in) the negative values the ReLU then zeroes, which wastes levels (at
+    2 bit, one of four). FX's add-relu pattern, PT2E and NNCF quantize after the ReLU. A forward
+    pre-hook that applies the ReLU to the quantizer's input does the same here: values and gradients
+    equal FX's, the ReLU module after it becomes a no-op, and the grid (zero point at its minimum)
+    stays where torch.ao ``convert`` reads it (``QFunctional.add`` then clamps exactly as the ReLU).
+    Returns the names of the quantizers given the hook.
+    """
+    graph = trace_quantized(m)
+    if graph is None:
+        return []
+    modules = dict(m.named_modules(remove_duplicate=False))
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    hooked = []
+    for node in graph.nodes:
+        owner, _, attr = str(node.target).rpartition(".")
+        fq = modules.get(str(node.target)) if node.op == "call_module" else None
+        if (not isinstance(fq, FakeQuantizeBase) or attr != "activation_post_process" or len(node.users) != 1
+                or not isinstance(modules.get(owner), FloatFunctional) or calls[str(node.target)] != 1):
+            continue
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(modules.get(str(user.target)), nn.ReLU):
+            fq.register_forward_pre_hook(_relu_input_hook)
+            hooked.append(str(node.target))
+    return hooked
+
+
 def _quantize_float_producers(m: nn.Module) -> list[str]:
     """Quantize the outputs eager torch.ao leaves float although the deployed int8 graph needs them.
 
@@ -367,6 +406,7 @@ def prepare_qat(
         m.qat_input_quant = QuantStub(qc8)
         m.qat_output_dequant = DeQuantStub()
         ao_prepare_qat(m, inplace=True)
+        _quantize_after_relu(m)
         _quantize_float_producers(m)
         m.register_forward_pre_hook(_input_quant_hook)
         m.register_forward_hook(_output_dequant_hook)
