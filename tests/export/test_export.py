@@ -299,9 +299,9 @@ def test_a8_fully_fused(exported):
     ops = _optimized_ops(exported("resnet", "fx", 8, 8, "int8"))
     assert ops.get("QLinearConv") == 9 and ops.get("QLinearAdd") == 3 and ops.get("QGemm") == 1
     assert "Conv" not in ops and "Clip" not in ops
-    # eager: the float ReLU after the quantized residual add is re-quantized, so all convs fuse
+    # eager: the residual add's quantizer sees the ReLU'd value (zero point 0), so ORT drops the ReLU
     ops = _optimized_ops(exported("resnet", "eager", 8, 8, "int8"))
-    assert ops.get("QLinearConv") == 9 and "Conv" not in ops
+    assert ops.get("QLinearConv") == 9 and ops.get("QLinearAdd") == 3 and "Conv" not in ops and "Relu" not in ops
 
 
 def test_int8_weight_type_int8_is_pure_int8(qat_model, digits, tmp_path):
