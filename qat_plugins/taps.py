@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["unwrap", "resolve", "FeatureTap", "TapSite", "find_site", "strip_hooks", "default_feature_layers",
+__all__ = ["unwrap", "FeatureTap", "TapSite", "find_site", "strip_hooks", "default_feature_layers",
            "conv_layers", "preact_site", "first_tensor", "exclusive", "graph_convs", "GraphSplice"]
 
 _OUR_HOOK_IDS: set[int] = set()

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 import warnings
 import zlib

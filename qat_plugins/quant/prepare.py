@@ -203,6 +203,18 @@ def _placement(src: torch.fx.Node, chain: list[torch.fx.Node], modules: dict[str
     return None
 
 
+def _traced(m: nn.Module) -> tuple[torch.fx.Graph, dict[str, nn.Module], dict[str, int]] | None:
+    """The eager QAT model's traced graph, its modules by name, and how often each module is called."""
+    graph = trace_quantized(m)
+    if graph is None:
+        return None
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    return graph, dict(m.named_modules(remove_duplicate=False)), calls
+
+
 def _relu_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (torch.relu(args[0]),) + tuple(args[1:])
 
@@ -218,14 +230,10 @@ def _quantize_after_relu(m: nn.Module) -> list[str]:
     stays where torch.ao ``convert`` reads it (``QFunctional.add`` then clamps exactly as the ReLU).
     Returns the names of the quantizers given the hook.
     """
-    graph = trace_quantized(m)
-    if graph is None:
+    traced = _traced(m)
+    if traced is None:
         return []
-    modules = dict(m.named_modules(remove_duplicate=False))
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    graph, modules, calls = traced
     hooked = []
     for node in graph.nodes:
         owner, _, attr = str(node.target).rpartition(".")
@@ -251,14 +259,10 @@ def _quantize_float_producers(m: nn.Module) -> list[str]:
     returns the value (a block ending in ``F.relu(out + x)``). Returns the names of the modules given
     one; warns for a value no module returns.
     """
-    graph = trace_quantized(m)
-    if graph is None:
+    traced = _traced(m)
+    if traced is None:
         return []
-    modules = dict(m.named_modules(remove_duplicate=False))
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    graph, modules, calls = traced
     placed: dict[str, nn.Module] = {}
 
     def is_quantizer(n: Any) -> bool:
