@@ -1,4 +1,4 @@
-"""One benchmark-v2 LSQ run again with another prepare: torch.ao FX instead of eager, or NNCF with N calibration images.
+"""One benchmark LSQ run again, with eager (as the benchmark), FX or NNCF (N calibration images) prepare.
 
 Loads the benchmark's FP model (``--cache``) and the config of its LSQ run (``benchmarks/results/runs``), re-runs
 that QAT run (same data order, loop and evaluation) with the variant and prints the test top-1 per epoch.

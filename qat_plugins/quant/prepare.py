@@ -92,20 +92,29 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, _QUANTIZABLE)]
 
 
+def _module_calls(graph: torch.fx.Graph) -> dict[str, int]:
+    """How often each module is called in ``graph`` (by qualified name)."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    return calls
+
+
 def fusion_groups(model: nn.Module) -> list[list[str]]:
     """conv->bn(->relu) runs where each intermediate output has one user (traced when possible).
 
     A conv or BN called more than once per forward is never fused. A ReLU may be shared (torchvision's
     one ``relu`` module per block): :func:`prepare_qat` fuses it and then puts the module back, see there.
     """
+    return _fusion_groups(model, _trace(model))
+
+
+def _fusion_groups(model: nn.Module, gm: torch.fx.GraphModule | None) -> list[list[str]]:
     mods = dict(model.named_modules())
-    gm = _trace(model)
     groups: list[list[str]] = []
     if gm is not None:
-        calls: dict[str, int] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        calls = _module_calls(gm.graph)
         for node in gm.graph.nodes:
             if node.op != "call_module" or not isinstance(mods.get(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 continue
@@ -132,18 +141,6 @@ def fusion_groups(model: nn.Module) -> list[list[str]]:
                     group.append(prefix + children[i + 2][0])
                 groups.append(group)
     return groups
-
-
-def _called_more_than_once(model: nn.Module) -> set[str]:
-    """Names of modules called more than once in one traced forward (empty if untraceable)."""
-    gm = _trace(model)
-    if gm is None:
-        return set()
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    return {n for n, c in calls.items() if c > 1}
 
 
 def _input_quant_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -203,23 +200,22 @@ def _placement(src: torch.fx.Node, chain: list[torch.fx.Node], modules: dict[str
     return None
 
 
-def _traced(m: nn.Module) -> tuple[torch.fx.Graph, dict[str, nn.Module], dict[str, int]] | None:
+_Traced = tuple[torch.fx.Graph, dict[str, nn.Module], dict[str, int]]
+
+
+def _traced(m: nn.Module) -> _Traced | None:
     """The eager QAT model's traced graph, its modules by name, and how often each module is called."""
     graph = trace_quantized(m)
     if graph is None:
         return None
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    return graph, dict(m.named_modules(remove_duplicate=False)), calls
+    return graph, dict(m.named_modules(remove_duplicate=False)), _module_calls(graph)
 
 
 def _relu_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (torch.relu(args[0]),) + tuple(args[1:])
 
 
-def _quantize_after_relu(m: nn.Module) -> list[str]:
+def _quantize_after_relu(traced: _Traced) -> list[str]:
     """Let the output quantizer of a ``FloatFunctional`` op followed only by a ReLU see the ReLU'd value.
 
     Eager torch.ao quantizes ``self.add.add(out, identity)`` before the block's ReLU: its grid is fitted
@@ -230,9 +226,6 @@ def _quantize_after_relu(m: nn.Module) -> list[str]:
     stays where torch.ao ``convert`` reads it (``QFunctional.add`` then clamps exactly as the ReLU).
     Returns the names of the quantizers given the hook.
     """
-    traced = _traced(m)
-    if traced is None:
-        return []
     graph, modules, calls = traced
     hooked = []
     for node in graph.nodes:
@@ -248,7 +241,7 @@ def _quantize_after_relu(m: nn.Module) -> list[str]:
     return hooked
 
 
-def _quantize_float_producers(m: nn.Module) -> list[str]:
+def _quantize_float_producers(m: nn.Module, traced: _Traced) -> list[str]:
     """Quantize the outputs eager torch.ao leaves float although the deployed int8 graph needs them.
 
     torch.ao's eager ``prepare_qat`` quantizes module outputs only, so a plain ``out + identity`` (and
@@ -257,11 +250,9 @@ def _quantize_float_producers(m: nn.Module) -> list[str]:
     the producing module itself (modules feeding a conv), else on the first module of that chain (the
     ReLU after a residual add, as FX's add-relu pattern), else on the innermost module whose forward
     returns the value (a block ending in ``F.relu(out + x)``). Returns the names of the modules given
-    one; warns for a value no module returns.
+    one; warns for a value no module returns. ``traced`` is ``_traced(m)``: the pre-hooks of
+    :func:`_quantize_after_relu` leave it valid.
     """
-    traced = _traced(m)
-    if traced is None:
-        return []
     graph, modules, calls = traced
     placed: dict[str, nn.Module] = {}
 
@@ -393,12 +384,13 @@ def prepare_qat(
 
         from torch.ao.quantization import DeQuantStub, QuantStub, fuse_modules_qat, prepare_qat as ao_prepare_qat
 
-        groups = fusion_groups(m)
+        gm = _trace(m)  # one float trace for the fusion groups and the shared modules
+        groups = _fusion_groups(m, gm)
         if groups:
             # a ReLU module called again elsewhere (torchvision's shared ``relu``) is fused into its conv
             # like FX does, then put back: fusion replaces it by an Identity, which would delete its other
             # uses (the ReLU after the residual add); re-applying it after the fused conv-bn-relu is exact
-            shared = _called_more_than_once(m)
+            shared = {n for n, c in _module_calls(gm.graph).items() if c > 1} if gm is not None else set()
             keep = {n: m.get_submodule(n) for g in groups for n in g[2:] if n in shared}
             m = fuse_modules_qat(m, groups, inplace=False)
             for name, relu in keep.items():
@@ -410,8 +402,10 @@ def prepare_qat(
         m.qat_input_quant = QuantStub(qc8)
         m.qat_output_dequant = DeQuantStub()
         ao_prepare_qat(m, inplace=True)
-        _quantize_after_relu(m)
-        _quantize_float_producers(m)
+        traced = _traced(m)  # one trace for both placement passes (untraceable: torch.ao's placement)
+        if traced is not None:
+            _quantize_after_relu(traced)
+            _quantize_float_producers(m, traced)
         m.register_forward_pre_hook(_input_quant_hook)
         m.register_forward_hook(_output_dequant_hook)
         return m.train()

@@ -181,6 +181,11 @@ def _convert(q: nn.Module, mode: str) -> nn.Module:
     return convert_fx(copy.deepcopy(q))
 
 
+def _fx_quantizer_after(fx: nn.Module, module: str) -> FakeQuantizeBase:
+    node = next(n for n in fx.graph.nodes if n.op == "call_module" and n.target == module)
+    return fx.get_submodule(str(next(iter(node.users)).target))
+
+
 @pytest.mark.parametrize("learnable", [True, False])
 def test_eager_add_then_relu_is_quantized_after_the_relu(batch, learnable):
     """A ``FloatFunctional`` add followed by a ReLU gets a grid from 0 up and the block outputs FX's
@@ -192,27 +197,25 @@ def test_eager_add_then_relu_is_quantized_after_the_relu(batch, learnable):
     fx = qp.prepare_qat(fp, weight_bits=2, act_bits=2, learnable=learnable, mode="fx", example_inputs=(x,))
     eager(x)
     fx(x)
-    for block in ("layer1", "layer2", "layer3"):
-        fq = eager.get_submodule(f"{block}.add.activation_post_process")
+    blocks = ("layer1", "layer2", "layer3")
+    outs = {}
+    hooks = []
+    for b in blocks:
+        fq = eager.get_submodule(f"{b}.add.activation_post_process")
         assert int(fq.zero_point) == fq.quant_min == 0
         # the same grid as FX's quantizer after the block's add-relu (same weights, same first batch)
-        node = next(n for n in fx.graph.nodes if n.op == "call_module" and n.target == f"{block}.relu2")
-        fx_fq = fx.get_submodule(str(next(iter(node.users)).target))
+        fx_fq = _fx_quantizer_after(fx, f"{b}.relu2")
         torch.testing.assert_close(fq.scale.detach(), fx_fq.scale.detach())
+        hooks.append(eager.get_submodule(f"{b}.relu2").register_forward_hook(
+            lambda m, a, o, b=b: outs.setdefault(("eager", b), o)))
+        hooks.append(fx_fq.register_forward_hook(lambda m, a, o, b=b: outs.setdefault(("fx", b), o)))
     # and the same block outputs: the eager model quantizes where FX does
-    outs = {}
-    hooks = [eager.get_submodule(f"{b}.relu2").register_forward_hook(
-        lambda m, a, o, b=b: outs.setdefault(("eager", b), o)) for b in ("layer1", "layer2", "layer3")]
-    for b in ("layer1", "layer2", "layer3"):
-        node = next(n for n in fx.graph.nodes if n.op == "call_module" and n.target == f"{b}.relu2")
-        hooks.append(fx.get_submodule(str(next(iter(node.users)).target)).register_forward_hook(
-            lambda m, a, o, b=b: outs.setdefault(("fx", b), o)))
     with torch.no_grad():
         eager(x)
         fx(x)
     for h in hooks:
         h.remove()
-    for b in ("layer1", "layer2", "layer3"):
+    for b in blocks:
         torch.testing.assert_close(outs["eager", b], outs["fx", b])
 
 
