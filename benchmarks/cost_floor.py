@@ -6,6 +6,7 @@ time of each is divided by LSQ's. A step is forward + CE + regularizer terms + b
 
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import copy
 import statistics
 import time
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,17 +106,61 @@ def csd_reduction_study(steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2)) -> 
         print(f"| {name} | " + " | ".join(str(a) for a in accs) + " |", flush=True)
 
 
+def _times(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts) * 1000, statistics.median(ts) * 1000
+
+
+def kernel_study(reps: int = 50) -> None:
+    """CSD forward + backward, eager batch-norm kernels vs ``compiled=True``; the FP model's no-grad
+    forward with contiguous vs channels_last weights and input (ms, min / median of ``reps``)."""
+    from qat_plugins.regularizers._losses import csd_distance
+
+    torch.manual_seed(0)
+    print("| CSD feature | eager min / median | compiled min / median |\n|---|---:|---:|")
+    for shape in [(128, 16, 14, 14), (64, 16, 32, 32)]:
+        z, t = torch.randn(shape, requires_grad=True), torch.randn(shape)
+        row = []
+        for compiled in (False, True):
+            for _ in range(3):  # compile / warm up
+                csd_distance(z, t, compiled=compiled).backward()
+            row.append(_times(lambda: csd_distance(z, t, compiled=compiled).backward(), reps))
+        print(f"| {'x'.join(map(str, shape))} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in row) + " |")
+    print("\n| FP model no-grad forward | contiguous min / median | channels_last min / median |\n|---|---:|---:|")
+    for name, model, x in [("SmallResNet 14x14 b128", SmallResNet(width=16), torch.randn(128, 1, 14, 14)),
+                           ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32))]:
+        model.eval()
+        cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            res: dict[str, list[float]] = {"nchw": [], "cl": []}
+            for _ in range(reps):  # interleaved
+                for key, m in (("nchw", model), ("cl", cl)):
+                    t0 = time.perf_counter()
+                    m(x.contiguous(memory_format=torch.channels_last) if key == "cl" else x)
+                    res[key].append(time.perf_counter() - t0)
+        print(f"| {name} | " + " | ".join(f"{min(v) * 1000:.1f} / {statistics.median(v) * 1000:.1f}"
+                                          for v in res.values()) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--mode", default="eager", choices=["eager", "fx"])
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--csd-reduction", action="store_true", help="run the CSD sum-vs-mean accuracy study instead")
+    ap.add_argument("--kernels", action="store_true", help="time CSD's kernels and the FP forward's layout instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     if args.csd_reduction:
         csd_reduction_study()
+        return
+    if args.kernels:
+        kernel_study()
         return
     torch.manual_seed(0)
     cases = [

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +54,98 @@ class _StandardizedDistance(torch.autograd.Function):
         return gz, None, None, None
 
 
+def _channel_dims(z: torch.Tensor) -> list[int]:
+    return [0, *range(2, z.dim())]
+
+
+def _csd_forward(z: torch.Tensor, teacher: torch.Tensor, eps: float,
+                 per_channel_sum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSD's value written out, plus what its gradient needs (``d``, the student's mean and inverse std)."""
+    dims = _channel_dims(z)
+    var_s, mean_s = torch.var_mean(z, dim=dims, correction=0, keepdim=True)
+    var_t, mean_t = torch.var_mean(teacher, dim=dims, correction=0, keepdim=True)
+    invstd = torch.rsqrt(var_s + eps)
+    d = (z - mean_s) * invstd - (teacher - mean_t) * torch.rsqrt(var_t + eps)
+    coef = (z.shape[1] if per_channel_sum else 1) / z.numel()
+    return (d * d).sum() * coef, d, mean_s, invstd
+
+
+def _csd_backward(grad: torch.Tensor, z: torch.Tensor, d: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                  per_channel_sum: bool) -> torch.Tensor:
+    """Gradient of :func:`_csd_forward` w.r.t. the student feature (batch norm's backward of ``2 coef d``)."""
+    dims = _channel_dims(z)
+    coef = (z.shape[1] if per_channel_sum else 1) / z.numel()
+    zhat = (z - mean) * invstd
+    g = d * (2.0 * coef * grad)
+    return invstd * (g - g.mean(dim=dims, keepdim=True) - zhat * (g * zhat).mean(dim=dims, keepdim=True))
+
+
+class _CompiledOnce:
+    """``torch.compile(fn)`` made on first use (shapes become dynamic after the first new shape); if
+    compiling fails (no C++ compiler, an unsupported platform), one warning and plain ``fn`` from then on.
+    Called under no_grad only (inference graphs): the autograd.Function around it owns the gradient."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Any] | None = None
+        self.failed = False
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.failed:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn)
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the plain function
+                self.failed = True
+                warnings.warn(f"CSD: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running "
+                              f"{self.fn.__name__} uncompiled from now on", RuntimeWarning, stacklevel=2)
+        return self.fn(*args)
+
+
+_csd_forward_kernel = _CompiledOnce(_csd_forward)
+_csd_backward_kernel = _CompiledOnce(_csd_backward)
+
+
+class _CompiledDistance(torch.autograd.Function):
+    """CSD with forward and backward each one ``torch.compile``-fused inference kernel: the value and
+    gradient of :class:`_StandardizedDistance`, ~3x faster on CPU; ``retain_graph=True`` works."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, teacher: torch.Tensor, eps: float, per_channel_sum: bool) -> torch.Tensor:
+        loss, d, mean, invstd = _csd_forward_kernel(z, teacher, eps, per_channel_sum)
+        ctx.save_for_backward(z, d, mean, invstd)
+        ctx.per_channel_sum = per_channel_sum
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        z, d, mean, invstd = ctx.saved_tensors
+        return _csd_backward_kernel(grad, z, d, mean, invstd, ctx.per_channel_sum), None, None, None
+
+
+def _csd_eager(student: torch.Tensor, teacher: torch.Tensor, eps: float, per_channel_sum: bool) -> torch.Tensor:
+    with torch.no_grad():
+        target = channel_standardize(teacher, eps)
+    # every channel has numel / C elements, so the sum over channels of the per-channel means is the
+    # total sum times C / numel
+    coef = (student.shape[1] if per_channel_sum else 1) / student.numel()
+    if not student.requires_grad:
+        return F.mse_loss(channel_standardize(student, eps), target, reduction="sum") * coef
+    return _StandardizedDistance.apply(student, target, float(eps), coef)
+
+
 def csd_distance(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-5,
-                 reduction: str = "mean") -> torch.Tensor:
+                 reduction: str = "mean", *, compiled: bool = False) -> torch.Tensor:
     """Channel-wise standardization distillation distance between two ``(N, C, ...)`` features.
 
     ``reduction="mean"`` (default): mean squared difference over all elements of the standardized
     features. ``reduction="sum"`` (the paper's sum over channels): sum over channels of the
     per-channel mean (over batch and positions) squared difference. The teacher gets no gradient.
+    ``compiled=True``: the same formula through ``torch.compile`` (one fused kernel per direction,
+    about 3x faster than the eager batch-norm kernels on CPU; float32 rounding differs by ~1e-6
+    relative); the first call compiles (seconds), a failure to compile falls back to eager.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"student feature {tuple(student.shape)} and teacher feature {tuple(teacher.shape)} differ; "
@@ -68,14 +154,10 @@ def csd_distance(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-5
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if student.dim() < 2:
         raise ValueError(f"expected a (N, C, ...) feature, got shape {tuple(student.shape)}")
-    with torch.no_grad():
-        target = channel_standardize(teacher, eps)
-    # every channel has numel / C elements, so the sum over channels of the per-channel means is the
-    # total sum times C / numel
-    coef = 1.0 / student.numel() if reduction == "mean" else student.shape[1] / student.numel()
-    if not student.requires_grad:
-        return F.mse_loss(channel_standardize(student, eps), target, reduction="sum") * coef
-    return _StandardizedDistance.apply(student, target, float(eps), coef)
+    args = (student, teacher.detach(), float(eps), reduction == "sum")
+    if compiled and student.requires_grad:
+        return _CompiledDistance.apply(*args)
+    return _csd_eager(*args)
 
 
 def feature_mse(a: torch.Tensor, b: torch.Tensor, *, stop_grad_b: bool = True) -> torch.Tensor:

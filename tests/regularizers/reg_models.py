@@ -49,6 +49,11 @@ def same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
+def layouts(model: nn.Module) -> list[tuple[int, ...]]:
+    """Strides of every parameter and buffer (memory layout, e.g. channels_last)."""
+    return [t.stride() for t in [*model.parameters(), *model.buffers()]]
+
+
 def flags(model: nn.Module) -> list[bool]:
     return [p.requires_grad for p in model.parameters()]
 

@@ -21,7 +21,7 @@ from loss_by_hand import kl_by_hand
 from qat_plugins.quant.step_size import activation_quantizers, weight_quantizers
 from qat_plugins.regularizers import NonFiniteLossError, Regularizer, build_regularizers
 from qat_plugins.regularizers._losses import kd_kl
-from reg_models import BLOCKS, KINDS, MODES, NAMES, Counter, flags, hooks, make, pair, same_state, state
+from reg_models import BLOCKS, KINDS, MODES, NAMES, Counter, flags, hooks, layouts, make, pair, same_state, state
 
 
 # ================================================================================================
@@ -61,10 +61,12 @@ def test_cr_teacher_none_loss_by_hand(qats, batch, temp):
     kl_rows = kl_by_hand(weak.tolist(), strong.tolist(), temp) * temp * temp
     assert float(kd_kl(strong, weak, temp)) == pytest.approx(kl_rows, rel=1e-4)
     # gradient only through the strong view: identical to the hand version with an explicit detach
+    # (float32 rounding of the differently ordered KL sum: up to ~3e-7 absolute on a per-tensor LSQ
+    # scale gradient, seen on an AVX-512 machine without AMX)
     loss.backward()
     expected.backward()
     for n in ("fc.weight", "conv2.weight", "conv1.weight_fake_quant.scale", "conv3.activation_post_process.scale"):
-        torch.testing.assert_close(q.get_parameter(n).grad, ref.get_parameter(n).grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(q.get_parameter(n).grad, ref.get_parameter(n).grad, rtol=1e-4, atol=1e-6)
     reg.detach()
 
 
@@ -174,6 +176,7 @@ def test_detach_leaves_models_exactly_as_before(qats, fps, batch, kind, name, mo
     x, y = batch
     q, fp = pair(qats, fps, name, mode)
     q_hooks, fp_hooks, q_state, fp_state, fp_flags = hooks(q), hooks(fp), state(q), state(fp), flags(fp)
+    fp_layout = layouts(fp)
     q.eval()
     with torch.no_grad():
         ref = q(x)
@@ -181,8 +184,10 @@ def test_detach_leaves_models_exactly_as_before(qats, fps, batch, kind, name, mo
     # 1) attach + detach: everything identical, values included
     reg = make(kind, name).attach(q, fp_model=fp)
     assert hooks(q) != q_hooks
+    if reg.fp_model is not None:  # the frozen FP model runs in channels_last while attached
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fp.parameters() if p.dim() == 4)
     reg.detach()
-    assert hooks(q) == q_hooks and hooks(fp) == fp_hooks
+    assert hooks(q) == q_hooks and hooks(fp) == fp_hooks and layouts(fp) == fp_layout
     assert same_state(state(q), q_state) and same_state(state(fp), fp_state)
     assert fp.training and flags(fp) == fp_flags and q.training
     q.eval()
@@ -201,7 +206,7 @@ def test_detach_leaves_models_exactly_as_before(qats, fps, batch, kind, name, mo
     assert not reg.attached and reg.model is None and reg.fp_model is None
     assert hooks(q) == q_hooks and hooks(fp) == fp_hooks
     assert same_state(state(q), trained)
-    assert same_state(state(fp), fp_state) and fp.training and flags(fp) == fp_flags
+    assert same_state(state(fp), fp_state) and fp.training and flags(fp) == fp_flags and layouts(fp) == fp_layout
     twin = copy.deepcopy(qats[name, mode])
     twin.load_state_dict(trained)
     q.eval()

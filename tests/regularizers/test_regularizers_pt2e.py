@@ -65,9 +65,10 @@ def test_cr_on_a_pt2e_graph_equals_the_hand_computation(pt2e, batch):
     grads = [(n, p.grad, dict(ref.named_parameters())[n].grad) for n, p in q.named_parameters() if p.grad is not None]
     assert len(grads) >= 10
     # a step-size gradient sums over every element of its activation (up to 64x8x8x8 = 32768 terms);
-    # a different float32 summation order moves it by ~eps*sqrt(N) ~ 1e-5 of its size (measured 6e-6)
+    # a different float32 summation order moves it by ~eps*sqrt(N) ~ 1e-5 of its size, more where its
+    # terms cancel (measured 6e-6 on one machine, 6e-5 on an AVX-512 machine without AMX)
     for n, a, b in grads:
-        assert (a - b).abs().max() <= 2e-5 * b.abs().max() + 1e-9, n
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-9, n
 
 
 def test_br_on_a_pt2e_graph_equals_the_hand_computation(pt2e, fp_resnet, batch):
