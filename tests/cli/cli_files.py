@@ -45,7 +45,10 @@ def snapshot(*dirs: Path) -> dict[str, str]:
         for root, _, files in os.walk(d):
             for f in files:
                 p = Path(root) / f
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+                try:
+                    out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+                except FileNotFoundError:  # removed between listing and reading (a run's write probe)
+                    continue
     return out
 
 
