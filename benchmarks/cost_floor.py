@@ -2,7 +2,8 @@
 
 One process, one thread; every method has its own QAT model copy, and the methods are timed
 interleaved (round robin, one step each per round) so machine load hits all alike; the median step
-time of each is divided by LSQ's (in parentheses: the median of the per-round ratios). A step is forward + CE + regularizer terms + backward + SGD step.
+time of each is divided by LSQ's (in parentheses: the median of the per-round ratios). A step is
+forward + CE + regularizer terms + backward + SGD step.
 
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
@@ -108,44 +109,39 @@ def csd_reduction_study(steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2)) -> 
         print(f"| {name} | " + " | ".join(str(a) for a in accs) + " |", flush=True)
 
 
-def _times(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    ts = []
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, tuple[float, float]]:
+    """``{name: (min ms, median ms)}`` of ``reps`` calls of each function, timed round robin."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts) * 1000, statistics.median(ts) * 1000
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: (min(v) * 1000, statistics.median(v) * 1000) for k, v in times.items()}
 
 
 def kernel_study(reps: int = 50) -> None:
     """CSD forward + backward, eager batch-norm kernels vs ``compiled=True``; the FP model's no-grad
-    forward with contiguous vs channels_last weights and input (ms, min / median of ``reps``)."""
+    forward with contiguous vs channels_last weights and input (ms, min / median of ``reps``, interleaved)."""
     from qat_plugins.regularizers._losses import csd_distance
 
     torch.manual_seed(0)
     print("| CSD feature | eager min / median | compiled min / median |\n|---|---:|---:|")
     for shape in [(128, 16, 14, 14), (64, 16, 32, 32)]:
         z, t = torch.randn(shape, requires_grad=True), torch.randn(shape)
-        row = []
-        for compiled in (False, True):
-            for _ in range(3):  # compile / warm up
-                csd_distance(z, t, compiled=compiled).backward()
-            row.append(_times(lambda: csd_distance(z, t, compiled=compiled).backward(), reps))
-        print(f"| {'x'.join(map(str, shape))} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in row) + " |")
+        fns = {f"{c}": (lambda c=c: csd_distance(z, t, compiled=c).backward()) for c in (False, True)}
+        _interleaved(fns, 3)  # compile / warm up
+        res = _interleaved(fns, reps)
+        print(f"| {'x'.join(map(str, shape))} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in res.values()) + " |")
     print("\n| FP model no-grad forward | contiguous min / median | channels_last min / median |\n|---|---:|---:|")
     for name, model, x in [("SmallResNet 14x14 b128", SmallResNet(width=16), torch.randn(128, 1, 14, 14)),
                            ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32))]:
         model.eval()
         cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
         with torch.no_grad():
-            res: dict[str, list[float]] = {"nchw": [], "cl": []}
-            for _ in range(reps):  # interleaved
-                for key, m in (("nchw", model), ("cl", cl)):
-                    t0 = time.perf_counter()
-                    m(x.contiguous(memory_format=torch.channels_last) if key == "cl" else x)
-                    res[key].append(time.perf_counter() - t0)
-        print(f"| {name} | " + " | ".join(f"{min(v) * 1000:.1f} / {statistics.median(v) * 1000:.1f}"
-                                          for v in res.values()) + " |")
+            res = _interleaved({"nchw": lambda: model(x),
+                                "cl": lambda: cl(x.contiguous(memory_format=torch.channels_last))}, reps)
+        print(f"| {name} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in res.values()) + " |")
 
 
 def main() -> None:

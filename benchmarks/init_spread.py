@@ -20,9 +20,7 @@ import torch
 
 from qat_plugins.bench.runner import load_bench_data, load_fp_model, quiet_worker
 from qat_plugins.bench.settings import preset, train_config
-from qat_plugins.quant import prepare_qat
-from qat_plugins.training import load_config, train_qat
-from qat_plugins.training.loaders import first_batch
+from qat_plugins.training import load_config, prepare_student, train_qat
 
 INITS = {"mse": {}, "lsq": {"init": "lsq"}, "minmax100": {"init": "minmax", "calib_samples": 100}}
 
@@ -36,15 +34,7 @@ def run(init: str, seed: int, cache: str, model: str, bits: int, epochs: int | N
     cfg = load_config(train_config(s, "fashion-mnist", model, seed, bits, []))
 
     def prepare(fp_model: torch.nn.Module, data: Any, cfg: Any) -> torch.nn.Module:
-        q = cfg.qat
-        x0 = first_batch(data, cfg.data.batch_size)
-        student = prepare_qat(fp_model, weight_bits=q.weight_bits, act_bits=q.act_bits, mode=q.mode,
-                              example_inputs=(x0,), keep_first_last_8bit=q.keep_first_last_8bit,
-                              per_channel=q.per_channel, learnable=q.learnable, **INITS[init])
-        student.train()
-        with torch.no_grad():
-            student(x0)  # train-mode calibration forward, as the trainer's prepare_student
-        return student.train()
+        return prepare_student(fp_model, data, cfg, **INITS[init])
 
     return train_qat(fp, data, cfg, regularizers=[], prepare_fn=prepare).test_accuracy
 

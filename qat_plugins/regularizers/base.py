@@ -125,8 +125,9 @@ class Regularizer(ABC):
         self._fp_grad_flags = [(p, p.requires_grad) for p in self.fp_model.parameters()]
         self.fp_model.eval()
         self.fp_model.requires_grad_(False)
-        # oneDNN runs the no-grad FP forward faster in channels_last (measured 1.1-1.5x on CPU); the
-        # 4-d weights are converted while attached and restored by detach (project choice)
+        # oneDNN runs the no-grad FP forward faster in channels_last (ResNet-20 about 1.2x, SmallResNet
+        # equal; BENCHMARKS.md "Cost"); the 4-d weights are converted while attached and restored by
+        # detach (project choice)
         for t in [*self.fp_model.parameters(), *self.fp_model.buffers()]:
             if t.dim() == 4 and t.device.type == "cpu" and t.is_contiguous():
                 t.data = t.data.contiguous(memory_format=torch.channels_last)

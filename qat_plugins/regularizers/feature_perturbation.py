@@ -41,7 +41,7 @@ class FeaturePerturbationRegularizer(Regularizer):
     larger and at weight 1 wrecked 20-step W4A4 runs on digits, 0.15-0.33 vs 0.98 test accuracy; see
     BENCHMARKS.md "CSD reduction"), eps=1e-5 (project choice),
     fallback_ratio=0.1 (project choice, used only without a quantizer), compiled=True (project choice:
-    CSD through ``torch.compile``, 2-3x faster than ATen's batch-norm kernels on CPU, same value within
+    CSD through ``torch.compile``, about 2x faster than ATen's batch-norm kernels on CPU, same value within
     float rounding; the first training step compiles for some seconds, and a failure to compile warns
     once and runs the same formula uncompiled; ``False`` keeps the batch-norm kernels). Open choices made here
     (project choice): noise after the activation quantizer, a coin per layer per forward.

@@ -302,12 +302,15 @@ class TrainResult:
                 "onnx": list(self.onnx), **self.extra}
 
 
-def prepare_student(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[str, Any] | str) -> nn.Module:
+def prepare_student(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Mapping[str, Any] | str,
+                    **prepare_kwargs: Any) -> nn.Module:
     """``prepare_qat`` of ``fp_model`` per ``cfg.qat``, then one no-grad calibration forward on the first
     training batch, so every quantizer is initialised (and per-channel scales sized) before an optimizer
     is built. The forward runs in train mode: BatchNorm normalises with batch statistics, as in training,
     so the activation quantizers see the ranges training produces (an eval-mode forward normalises with
-    the FP running statistics, about 3x off at 2 bits; docs/bn.md). Returns the QAT model in train mode.
+    the FP running statistics, about 3x off at 2 bits; docs/bn.md). ``prepare_kwargs`` go to
+    :func:`~qat_plugins.quant.prepare_qat` as well (e.g. ``init="lsq"``; default: none, its defaults).
+    Returns the QAT model in train mode.
     """
     cfg = as_train_config(cfg)
     q = cfg.qat
@@ -317,7 +320,7 @@ def prepare_student(fp_model: nn.Module, data: DataSplit, cfg: TrainConfig | Map
                          "values; clean the data")
     student = prepare_qat(fp_model, weight_bits=q.weight_bits, act_bits=q.act_bits, mode=q.mode,
                           example_inputs=(x0,), keep_first_last_8bit=q.keep_first_last_8bit,
-                          per_channel=q.per_channel, learnable=q.learnable)
+                          per_channel=q.per_channel, learnable=q.learnable, **prepare_kwargs)
     student.train()
     with torch.no_grad():
         student(x0)
