@@ -8,6 +8,7 @@ forward + CE + regularizer terms + backward + SGD step.
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --profile         # where FPQ's extra time goes
 """
 
 from __future__ import annotations
@@ -144,6 +145,45 @@ def kernel_study(reps: int = 50) -> None:
         print(f"| {name} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in res.values()) + " |")
 
 
+def fpq_profile(steps: int = 10) -> None:
+    """torch.profiler of ``steps`` LSQ and FPQ steps on SmallResNet (14x14, batch 128): ms per step,
+    and the ops whose self time grows most from LSQ to FPQ (ms per step, calls per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    fp, x = SmallResNet(width=16).eval(), torch.randn(128, 1, 14, 14)
+    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
+    base = qp.prepare_qat(fp, weight_bits=4, act_bits=4, example_inputs=(x[:2],))
+    base(x)
+    per_op: dict[str, dict[str, tuple[float, int]]] = {}
+    for method in ("LSQ", "FPQ"):
+        q = copy.deepcopy(base).train()
+        regs = qp.attach(q, _regs(method, []), fp_model=copy.deepcopy(fp))
+        opt = torch.optim.SGD(q.parameters(), lr=1e-3, momentum=0.9)
+
+        def step() -> None:
+            out = q(x)
+            loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(5):  # warm up (FPQ: compile)
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        per_op[method] = {e.key: (e.self_cpu_time_total / steps / 1000, e.count // steps) for e in prof.key_averages()}
+        regs.detach()
+    total = {m: sum(t for t, _ in ops.values()) for m, ops in per_op.items()}
+    print(f"ms per step under the profiler: LSQ {total['LSQ']:.1f}, FPQ {total['FPQ']:.1f}")
+    grow = sorted(((per_op["FPQ"].get(k, (0.0, 0))[0] - per_op["LSQ"].get(k, (0.0, 0))[0], k)
+                   for k in per_op["FPQ"]), reverse=True)
+    print("| op | extra ms per step | calls per step LSQ -> FPQ |\n|---|---:|---:|")
+    for extra, k in grow[:12]:
+        print(f"| {k[:60]} | {extra:.2f} | {per_op['LSQ'].get(k, (0.0, 0))[1]} -> {per_op['FPQ'][k][1]} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -151,6 +191,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--csd-reduction", action="store_true", help="run the CSD sum-vs-mean accuracy study instead")
     ap.add_argument("--kernels", action="store_true", help="time CSD's kernels and the FP forward's layout instead")
+    ap.add_argument("--profile", action="store_true", help="profile where FPQ's extra step time goes instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -159,6 +200,9 @@ def main() -> None:
         return
     if args.kernels:
         kernel_study()
+        return
+    if args.profile:
+        fpq_profile()
         return
     torch.manual_seed(0)
     cases = [
