@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .._io import atomic_write_bytes
-from .settings import DATASETS, DEFAULT_METHODS, METHODS, MODELS, BenchSettings, preset, seeds_for
+from .settings import DATASETS, DEFAULT_METHODS, METHODS, MODELS, BenchSettings, fp_seeds, preset, seeds_for
 
 __all__ = ["main", "parse_args", "settings_from_args", "run_benchmark", "estimate_wall_s", "TINY_ENV", "DEFAULT_OUT"]
 
@@ -80,6 +80,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="single-threaded worker processes [2]")
     p.add_argument("--width", type=int, help="model width [16]")
     p.add_argument("--fashion-train", type=int, help="Fashion-MNIST training images used [20000]")
+    p.add_argument("--fp-models", choices=("shared", "per-seed"),
+                   help="one FP model (seed 0's) for every seed, or one per seed [full: shared; quick: per-seed]")
     p.add_argument("--fp-epochs", type=_epochs, help="FP epochs: N (all datasets) or e.g. fashion-mnist=8,digits=15")
     p.add_argument("--qat-epochs", type=_epochs, help="QAT epochs: N (all datasets) or e.g. fashion-mnist=2,digits=6")
     p.add_argument("--timing-steps", type=int, help="measured steps per method in the step-time benchmark")
@@ -145,6 +147,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
             raise ValueError(f"--{name.replace('_', '-')}: datasets {', '.join(DATASETS)}, epochs >= "
                              f"{0 if name == 'fp_epochs' else 1}; got {v}")
         setattr(s, name, new)
+    if args.fp_models is not None:
+        s.shared_fp = args.fp_models == "shared"
     if args.timing_steps is not None:
         s.timing_steps = args.timing_steps
     s.deploy_bits = [b for b in s.deploy_bits if b in s.bits] or [min(s.bits, key=lambda b: abs(b - 4))]
@@ -249,7 +253,7 @@ def _existing(out: Path, fn: str, task: dict[str, Any]) -> dict[str, Any] | None
     """A finished record in OUT/runs for this job (same config), else None."""
     from ..training import config_hash, load_config
     from .runner import run_id
-    from .settings import BenchSettings as BS, regularizer_specs, train_config
+    from .settings import BenchSettings as BS, fp_cache_key, fp_seed, regularizer_specs, train_config
 
     s = BS.from_dict(task["settings"])
     if fn == "qat":
@@ -266,7 +270,9 @@ def _existing(out: Path, fn: str, task: dict[str, Any]) -> dict[str, Any] | None
     if fn == "qat":
         specs = regularizer_specs(task["method"], task["model"], task["seed"], s.combo)
         cfg = load_config(train_config(s, task["dataset"], task["model"], task["seed"], task["bits"], specs))
-        if rec.get("config_hash") != config_hash(cfg) or (task.get("deploy") and "deploy" not in rec):
+        fp_key = fp_cache_key(s, task["dataset"], task["model"], fp_seed(s, task["seed"]))
+        if (rec.get("config_hash") != config_hash(cfg) or rec.get("fp_key") != fp_key
+                or (task.get("deploy") and "deploy" not in rec)):
             return None
     elif rec.get("task_key") != _timing_key(task):
         return None
@@ -297,7 +303,7 @@ def estimate_wall_s(s: BenchSettings) -> dict[str, float]:
         spe = -(-n_train // bs)
         for m in s.models:
             fp_step, q_step = (c * pix * bs / 128 for c in _STEP_S[m])
-            n_fp = max(seeds_for(s, b) for b in s.bits)
+            n_fp = len(fp_seeds(s))
             total["fp_s"] += n_fp * s.fp_epochs[ds] * (spe * fp_step + n_test / bs * fp_step / 3)
             for b in s.bits:
                 for method in s.methods:
@@ -324,7 +330,7 @@ def run_benchmark(s: BenchSettings, out: Path, cache: Path, argv: Sequence[str],
 
     # 1. FP models
     fp_jobs = [("fp", {**base, "dataset": ds, "model": m, "seed": seed})
-               for ds in s.datasets for m in s.models for seed in range(max(seeds_for(s, b) for b in s.bits))]
+               for ds in s.datasets for m in s.models for seed in fp_seeds(s)]
     if report_only:
         fp_jobs = [j for j in fp_jobs if _fp_path(cache, s, j[1]["dataset"], j[1]["model"], j[1]["seed"]).is_file()]
     print(f"== FP models: {len(fp_jobs)} (cache {cache})", flush=True)
@@ -385,6 +391,7 @@ def run_benchmark(s: BenchSettings, out: Path, cache: Path, argv: Sequence[str],
                   f"train-mode calibration forward; BN statistics re-estimated on {s.bn_reestimate_batches} clean "
                   "batches before every evaluation (docs/bn.md)",
                   "each method is paired with LSQ by seed (same FP model, same data order); CIs: t-distribution",
+                  "one FP model (seed 0's) for every seed" if s.shared_fp else "one FP model per seed",
                   "peak memory = sampled current-RSS growth over memory_steps training steps (after malloc_trim), "
                   "per method, in the timing process",
                   "step time relative to LSQ from the interleaved micro-benchmark (timing)",

@@ -101,6 +101,35 @@ def test_bench_resumes_and_reruns_only_missing(bench_run, capsys):
     assert not list((res / "runs").glob(".*tmp*"))  # no half-written files left
 
 
+def test_bench_shared_fp_starts_every_seed_from_seed_0s_model(bench_run, tmp_path, capsys):
+    """``--fp-models shared``: one FP model (seed 0's) trained, every seed's runs start from it and record it,
+    the FP column holds its accuracy for each seed, and per-seed runs of other FP models are not reused."""
+    _, res = bench_run
+    out = tmp_path / "shared"
+    (out / "runs").mkdir(parents=True)
+    # the per-seed run's LSQ records: seed 0's FP model is the shared one, seed 1's is not
+    for name in ("digits_resnet_s0_lsq_w2a2.json", "digits_resnet_s1_lsq_w2a2.json", "digits_resnet_s0_lsq_w4a4.json"):
+        (out / "runs" / name).write_bytes((res / "runs" / name).read_bytes())
+    argv = ["--quick", "--workers", "1", "--methods", "lsq", "--fp-models", "shared", "--out", str(out),
+            "--cache", str(res / "cache")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "reusing 2 finished run(s)" in printed and "to run: 2 on" in printed, printed  # seed 0's only
+    data = json.loads((out / "results.json").read_text())
+    per_seed = json.loads((res / "results.json").read_text())
+    assert data["settings"]["shared_fp"] is True and data["errors"] == []
+    assert [(f["model"], f["seed"]) for f in data["fp_models"]] == [("resnet", 0)]
+    key0 = next(r["fp_key"] for r in per_seed["runs"] if (r["method"], r["bits"], r["seed"]) == ("lsq", 2, 0))
+    key1 = next(r["fp_key"] for r in per_seed["runs"] if (r["method"], r["bits"], r["seed"]) == ("lsq", 2, 1))
+    runs = sorted([r for r in data["runs"] if r["bits"] == 2], key=lambda r: r["seed"])
+    assert key0 != key1 and [(r["seed"], r["fp_seed"], r["fp_key"]) for r in runs] == [(0, 0, key0), (1, 0, key0)]
+    fp0 = data["fp_models"][0]["test_accuracy"]
+    md = (out / "digits_resnet.md").read_text()
+    assert f"| W2A2 | 2 | {100 * fp0:.2f} ± 0.00 |" in md  # both seeds' FP column is the one shared model
+    gap = [fp0 - r["test_accuracy"] for r in runs]
+    assert f"{100 * sum(gap) / 2:+.2f} [" in md  # FP - LSQ paired per seed against that model
+
+
 def test_bench_method_subset_still_times_against_lsq(tmp_path, monkeypatch):
     """A column subset without LSQ (``--methods cr``) used to crash on its step-time ratio (None)."""
     monkeypatch.setenv("QAT_PLUGINS_BENCH_TINY", "1")
