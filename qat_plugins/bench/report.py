@@ -140,6 +140,7 @@ def evaluate_targets(group: dict[str, Any], bits: Sequence[int], methods: Sequen
        CR, FPQ, BR closes >= 1/3 of LSQ's gap with its 95 % CI of the difference to LSQ above 0, and
        CR+FPQ+BR closes >= 2/3 (CI above 0).
     2. At W4A4, the best column's mean is >= FP's mean.
+    3. LSQ's seed spread (max - min) at the lowest width with >= 2 seeds is <= 1 point.
     """
     out: list[dict[str, Any]] = []
     gaps = {b: paired_diff(group["fp"], group["acc"].get("lsq", {}).get(b, {})) for b in sorted(bits)}
@@ -178,6 +179,14 @@ def evaluate_targets(group: dict[str, Any], bits: Sequence[int], methods: Sequen
         if best is not None:
             out.append({"target": "W4A4: best column >= FP", "met": best[1] >= fp_m,
                         "detail": f"best {method_label(best[0])} {100 * best[1]:.2f} vs FP {100 * fp_m:.2f}"})
+    lsq = group["acc"].get("lsq", {})
+    spread_bits = next((b for b in sorted(bits) if len(lsq.get(b, {})) >= 2), None)
+    if spread_bits is not None:
+        vals = list(lsq[spread_bits].values())
+        spread = max(vals) - min(vals)
+        out.append({"target": f"W{spread_bits}A{spread_bits} LSQ seed spread <= 1 point", "met": spread <= 0.01 + 1e-12,
+                    "spread": spread, "detail": f"{100 * min(vals):.2f}-{100 * max(vals):.2f} over {len(vals)} seeds "
+                                                f"(spread {100 * spread:.2f})"})
     return out
 
 
@@ -255,13 +264,15 @@ def markdown_report(key: str, group: dict[str, Any], results: dict[str, Any], st
           f"evaluation" if s.get("bn_reestimate_batches") else "no BN re-estimation")
     if s.get("bn_freeze_after_epochs") is not None:
         bn += f", frozen after QAT epoch {s['bn_freeze_after_epochs']}"
+    fp_desc = ("One FP model (seed 0's) for every seed; each seed: one QAT data order" if s.get("shared_fp")
+               else "Each seed: one FP model and one data order")
     parts = [
         f"## {dataset} / {model} (width {s['width']})", "",
         f"{_data_desc(s, dataset)}; batch {s['batch_size'][dataset]}; FP: Adam lr {s['fp_lr']}, "
         f"{s['fp_epochs'][dataset]} epochs, cosine, default augmentation; QAT (every column): SGD momentum 0.9, "
         f"lr {s['qat_lr']}, wd 5e-5, cosine per step, {s['qat_epochs'][dataset]} epochs, train-mode calibration "
-        f"forward, {bn}, no input augmentation, first/last layer 8 bit. Each seed: one FP model and one data "
-        "order shared by every column. NNCF WbAb: NNCF 3.4 `nncf.quantize` at the row's widths + the same "
+        f"forward, {bn}, no input augmentation, first/last layer 8 bit. "
+        f"{fp_desc} shared by every column. NNCF WbAb: NNCF 3.4 `nncf.quantize` at the row's widths + the same "
         "fine-tuning loop.", "",
         "### Test accuracy (top-1 %, mean ± std over seeds)", "", accuracy_table(group, bits, methods, combo), "",
         "### Paired difference to LSQ (points; mean [95 % CI], t-distribution over seeds)", "",

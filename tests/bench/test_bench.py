@@ -125,6 +125,7 @@ def test_bench_shared_fp_starts_every_seed_from_seed_0s_model(bench_run, tmp_pat
     assert key0 != key1 and [(r["seed"], r["fp_seed"], r["fp_key"]) for r in runs] == [(0, 0, key0), (1, 0, key0)]
     fp0 = data["fp_models"][0]["test_accuracy"]
     md = (out / "digits_resnet.md").read_text()
+    assert "One FP model (seed 0's) for every seed" in md
     assert f"| W2A2 | 2 | {100 * fp0:.2f} ± 0.00 |" in md  # both seeds' FP column is the one shared model
     gap = [fp0 - r["test_accuracy"] for r in runs]
     assert f"{100 * sum(gap) / 2:+.2f} [" in md  # FP - LSQ paired per seed against that model
@@ -164,7 +165,7 @@ def test_paired_diff_by_hand():
 def test_targets_by_hand():
     # FP 0.90 at every seed; W2A2 LSQ 0.80 (gap 10 points); CR closes 0.4 of it consistently (met),
     # FPQ 0.5 on average but one seed below LSQ (CI includes 0: missed), BR 0.2 (missed), combo 0.7 (met);
-    # W4A4: best column (CR) 0.905 >= FP (met)
+    # W4A4: best column (CR) 0.905 >= FP (met); LSQ's W2A2 seeds all at 0.80 (spread 0: met)
     fp = {s: 0.90 for s in range(3)}
     fp[3] = 0.99  # a seed without W2A2 / W4A4 runs must not enter the W4A4 comparison
     w2 = {"lsq": [0.80, 0.80, 0.80], "cr": [0.84, 0.839, 0.841], "fpq": [0.90, 0.90, 0.75],
@@ -179,7 +180,11 @@ def test_targets_by_hand():
                    "W2A2 +FPQ closes >= 0.33 of LSQ's gap, CI > 0": False,
                    "W2A2 +BR closes >= 0.33 of LSQ's gap, CI > 0": False,
                    "W2A2 +CR+FPQ+BR closes >= 0.67 of LSQ's gap, CI > 0": True,
-                   "W4A4: best column >= FP": True}
+                   "W4A4: best column >= FP": True,
+                   "W2A2 LSQ seed spread <= 1 point": True}
+    acc["lsq"][2][2] = 0.8101  # spread 1.01 points
+    got = {t["target"]: t["met"] for t in evaluate_targets({"fp": fp, "acc": acc}, [2, 4], ["lsq"])}
+    assert got["W2A2 LSQ seed spread <= 1 point"] is False
 
 
 def test_default_output_is_a_scratch_directory():
