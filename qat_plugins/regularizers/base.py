@@ -128,9 +128,11 @@ class Regularizer(ABC):
         # oneDNN runs the no-grad FP forward faster in channels_last (ResNet-20 about 1.2x, SmallResNet
         # equal; BENCHMARKS.md "Cost"); the 4-d weights are converted while attached and restored by
         # detach (project choice)
+        # (``to`` restrides explicitly: ``contiguous(memory_format=...)`` keeps the NCHW strides of a
+        # 1-input-channel stem weight, whose conv then ran in NCHW and made the next conv convert its input)
         for t in [*self.fp_model.parameters(), *self.fp_model.buffers()]:
             if t.dim() == 4 and t.device.type == "cpu" and t.is_contiguous():
-                t.data = t.data.contiguous(memory_format=torch.channels_last)
+                t.data = t.data.to(memory_format=torch.channels_last)
                 self._fp_contiguous.append(t)
 
     def detach(self) -> None:
@@ -142,7 +144,7 @@ class Regularizer(ABC):
         for p, flag in self._fp_grad_flags:
             p.requires_grad_(flag)
         for t in self._fp_contiguous:
-            t.data = t.data.contiguous()
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
         self._fp_contiguous = []
         if self.fp_model is not None and self._fp_was_training:
             self.fp_model.train()

@@ -166,6 +166,33 @@ def test_br_backward_guidance_reaches_only_the_quantized_prefix(qats, fps, batch
     assert all(p.grad is None for p in fp.parameters())
 
 
+def test_frozen_fp_model_computes_in_channels_last_from_its_stem():
+    """While attached, every conv of the frozen FP model reads and writes channels_last, the stem with one
+    input channel included (its weight's strides are ambiguous: ``contiguous(memory_format=...)`` left them
+    NCHW, the stem ran in NCHW and the next conv converted its input); detach restores standard strides."""
+    from qat_plugins.models import SmallResNet
+
+    torch.manual_seed(0)
+    fp = SmallResNet(width=8).eval()
+    x, y = torch.randn(16, 1, 14, 14), torch.randint(0, 10, (16,))
+    before = layouts(fp)
+    q = qp.prepare_qat(copy.deepcopy(fp), weight_bits=4, act_bits=4, example_inputs=(x[:2],))
+    q(x)
+    q.train()
+    regs = qp.attach(q, [qp.KnowledgeDistillationRegularizer()], fp_model=fp)
+    seen: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, (i[0].shape, o.stride())))
+               for n, m in fp.named_modules() if isinstance(m, nn.Conv2d)]
+    out = q(x)
+    regs.loss(x, y, out).backward()
+    for h in handles:
+        h.remove()
+    assert len(seen) == 9 and seen["conv1"][0][1] == 1
+    assert all(stride[1] == 1 for _, stride in seen.values()), seen  # channels_last outputs, stem included
+    regs.detach()
+    assert layouts(fp) == before
+
+
 # ================================================================================================
 # detach hygiene, state_dict, double attach
 # ================================================================================================
