@@ -59,23 +59,21 @@ def paired_diff(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
 
 
 def aggregate(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{"<dataset>/<model>": {"fp": {seed: acc of the FP model that seed's runs started from}, "acc": {method: {bits: {seed: acc}}},
-    "curves": {method: {bits: {seed: [test acc per epoch]}}}, "step_s": ..., "deploy": ...}}``."""
+    """``{"<dataset>/<model>": {"fp": {seed: acc of the FP model that seed's runs started from},
+    "acc": {method: {bits: {seed: acc}}}, "curves": {method: {bits: {seed: [test acc per epoch]}}}, "step_s": ..., "deploy": ...}}``."""
     out: dict[str, dict[str, Any]] = {}
 
     def group(r: dict[str, Any]) -> dict[str, Any]:
         return out.setdefault(f"{r['dataset']}/{r['model']}",
                               {"fp": {}, "acc": {}, "curves": {}, "step_s": {}, "deploy": {}})
 
-    fp_acc: dict[tuple[str, int], float] = {}
     for fp in results.get("fp_models", []):
         group(fp)["fp"][int(fp["seed"])] = fp["test_accuracy"]
-        fp_acc[(f"{fp['dataset']}/{fp['model']}", int(fp["seed"]))] = fp["test_accuracy"]
     for r in results.get("runs", []):
         g, m, b, s = group(r), r["method"], int(r["bits"]), int(r["seed"])
-        shared = fp_acc.get((f"{r['dataset']}/{r['model']}", int(r.get("fp_seed", s))))
-        if shared is not None:  # the FP model this seed started from (seed 0's under --shared-fp)
-            g["fp"][s] = shared
+        src = int(r.get("fp_seed", s))  # the FP model this seed started from (seed 0's with --fp-models shared)
+        if src in g["fp"]:
+            g["fp"][s] = g["fp"][src]
         g["acc"].setdefault(m, {}).setdefault(b, {})[s] = r["test_accuracy"]
         g["curves"].setdefault(m, {}).setdefault(b, {})[s] = [h["test_acc"] for h in r.get("history", [])]
         g["step_s"].setdefault(m, {}).setdefault(b, []).append(r["mean_step_time_s"])

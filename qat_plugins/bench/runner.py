@@ -232,7 +232,8 @@ def qat_task(task: dict[str, Any]) -> dict[str, Any]:
     ds, model, seed, method, bits = task["dataset"], task["model"], task["seed"], task["method"], task["bits"]
     rid = run_id(ds, model, seed, method, bits)
     data = load_bench_data(s, ds)
-    fp = load_fp_model(task["cache_dir"], s, ds, model, fp_seed(s, seed), data)
+    src = fp_seed(s, seed)
+    fp = load_fp_model(task["cache_dir"], s, ds, model, src, data)
     specs = regularizer_specs(method, model, seed, s.combo)
     cfg = load_config(train_config(s, ds, model, seed, bits, specs))
     rss0 = maxrss_mb()
@@ -250,8 +251,8 @@ def qat_task(task: dict[str, Any]) -> dict[str, Any]:
         "wall_time_s": wall, "maxrss_mb_before": rss0, "maxrss_mb_after": maxrss_mb(),
         "history": [{k: h[k] for k in ("epoch", "loss", "task_loss", "reg_losses", "train_acc", "test_acc", "time_s")}
                     for h in result.history],
-        "config": cfg.to_dict(), "config_hash": config_hash(cfg), "fp_seed": fp_seed(s, seed),
-        "fp_key": fp_cache_key(s, ds, model, fp_seed(s, seed)),
+        "config": cfg.to_dict(), "config_hash": config_hash(cfg), "fp_seed": src,
+        "fp_key": fp_cache_key(s, ds, model, src),
     }
     if task.get("deploy"):
         t1 = time.perf_counter()

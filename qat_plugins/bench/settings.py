@@ -100,8 +100,8 @@ def fp_seeds(s: BenchSettings) -> list[int]:
 
 def preset(mode: str) -> BenchSettings:
     """``full`` (the BENCHMARKS.md run: Fashion-MNIST 14x14, ResNet-20 + SmallResNet, W2A2 x 5 seeds,
-    W4A4 x 3 seeds, every column, one FP model per architecture; about 2 h on 2 cores), ``quick`` (digits, SmallResNet, 1 seed,
-    W4A4 + W2A2, a few minutes) or ``tiny`` (the test suite's end-to-end check: a few steps on 256 digits)."""
+    W4A4 x 3 seeds, every column, one FP model per architecture; about 2 h on 2 cores), ``quick`` (digits,
+    SmallResNet, 1 seed, W4A4 + W2A2, a few minutes) or ``tiny`` (the test suite's end-to-end check: a few steps on 256 digits)."""
     if mode == "full":
         return BenchSettings(shared_fp=True)
     if mode == "quick":

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qat_plugins as qp
+from qat_plugins.models import SmallResNet
 from loss_by_hand import kl_by_hand
 from qat_plugins.quant.step_size import activation_quantizers, weight_quantizers
 from qat_plugins.regularizers import NonFiniteLossError, Regularizer, build_regularizers
@@ -170,8 +171,6 @@ def test_frozen_fp_model_computes_in_channels_last_from_its_stem():
     """While attached, every conv of the frozen FP model reads and writes channels_last, the stem with one
     input channel included (its weight's strides are ambiguous: ``contiguous(memory_format=...)`` left them
     NCHW, the stem ran in NCHW and the next conv converted its input); detach restores standard strides."""
-    from qat_plugins.models import SmallResNet
-
     torch.manual_seed(0)
     fp = SmallResNet(width=8).eval()
     x, y = torch.randn(16, 1, 14, 14), torch.randint(0, 10, (16,))
