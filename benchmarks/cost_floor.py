@@ -7,8 +7,8 @@ forward + CE + regularizer terms + backward + SGD step.
 
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
-    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout
-    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --profile         # where FPQ's extra time goes
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout/fold
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --profile [M [BASE]] # where M's extra time goes
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ def _regs(method: str, blocks: list[str]) -> list[qp.Regularizer]:
 
 
 def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], mode: str,
-            rounds: int, warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+            rounds: int, warmup: int = 3, methods: list[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     fp.eval()
     base = qp.prepare_qat(fp, weight_bits=4, act_bits=4, mode=mode, example_inputs=(x[:2],))
     base(x)  # calibrate once; every method starts from the same state
     runs = {}
-    for method in TARGETS:
+    methods = ["LSQ", *[m for m in (methods or TARGETS) if m != "LSQ"]]
+    for method in methods:
         q = copy.deepcopy(base).train()
         regs = qp.attach(q, _regs(method, blocks), fp_model=copy.deepcopy(fp))
         opt = torch.optim.SGD(q.parameters(), lr=1e-3, momentum=0.9)
@@ -58,7 +59,7 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
         return time.perf_counter() - t0
 
     for r in range(warmup + rounds):
-        for method in TARGETS:
+        for method in methods:
             dt = step(method)
             if r >= warmup:
                 runs[method][3].append(dt)
@@ -122,32 +123,42 @@ def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, t
 
 
 def kernel_study(reps: int = 50) -> None:
-    """CSD forward + backward, eager batch-norm kernels vs ``compiled=True``; the FP model's no-grad
-    forward with contiguous vs channels_last weights and input (ms, min / median of ``reps``, interleaved)."""
+    """CSD forward + backward, eager batch-norm kernels vs ``compiled=True`` (a channels_last teacher as
+    the frozen FP model gives it, and both NCHW); the FP model's no-grad forward contiguous, in
+    channels_last, and frozen as attached (channels_last, BatchNorm folded) (ms, min / median of
+    ``reps``, interleaved)."""
     from qat_plugins.regularizers._losses import csd_distance
+    from qat_plugins.regularizers.frozen_fp import FrozenFP
 
     torch.manual_seed(0)
-    print("| CSD feature | eager min / median | compiled min / median |\n|---|---:|---:|")
+    print("| CSD feature | eager min / median | compiled, NHWC teacher | compiled, both NCHW |\n|---|---:|---:|---:|")
     for shape in [(128, 16, 14, 14), (64, 16, 32, 32)]:
         z, t = torch.randn(shape, requires_grad=True), torch.randn(shape)
-        fns = {f"{c}": (lambda c=c: csd_distance(z, t, compiled=c).backward()) for c in (False, True)}
+        t_cl = t.contiguous(memory_format=torch.channels_last)
+        fns = {"eager": lambda: csd_distance(z, t_cl).backward(),
+               "compiled_cl": lambda: csd_distance(z, t_cl, compiled=True).backward(),
+               "compiled": lambda: csd_distance(z, t, compiled=True).backward()}
         _interleaved(fns, 3)  # compile / warm up
         res = _interleaved(fns, reps)
         print(f"| {'x'.join(map(str, shape))} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in res.values()) + " |")
-    print("\n| FP model no-grad forward | contiguous min / median | channels_last min / median |\n|---|---:|---:|")
+    print("\n| FP model no-grad forward | contiguous min / median | channels_last | frozen (channels_last, BN folded) |"
+          "\n|---|---:|---:|---:|")
     for name, model, x in [("SmallResNet 14x14 b128", SmallResNet(width=16), torch.randn(128, 1, 14, 14)),
                            ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32))]:
         model.eval()
         cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        folded = copy.deepcopy(model)
+        frozen = FrozenFP.acquire(folded)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            res = _interleaved({"nchw": lambda: model(x),
-                                "cl": lambda: cl(x.contiguous(memory_format=torch.channels_last))}, reps)
+            res = _interleaved({"nchw": lambda: model(x), "cl": lambda: cl(x_cl), "frozen": lambda: folded(x_cl)}, reps)
+        frozen.release()
         print(f"| {name} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in res.values()) + " |")
 
 
-def fpq_profile(steps: int = 10) -> None:
-    """torch.profiler of ``steps`` LSQ and FPQ steps on SmallResNet (14x14, batch 128): ms per step,
-    and the ops whose self time grows most from LSQ to FPQ (ms per step, calls per step)."""
+def profile_against(method: str = "FPQ", base_method: str = "LSQ", steps: int = 10) -> None:
+    """torch.profiler of ``steps`` ``base_method`` and ``method`` steps on SmallResNet (14x14, batch 128):
+    ms per step, and the ops whose self time grows most from the one to the other (ms, calls per step)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -156,9 +167,9 @@ def fpq_profile(steps: int = 10) -> None:
     base = qp.prepare_qat(fp, weight_bits=4, act_bits=4, example_inputs=(x[:2],))
     base(x)
     per_op: dict[str, dict[str, tuple[float, int]]] = {}
-    for method in ("LSQ", "FPQ"):
+    for method in (base_method, method):
         q = copy.deepcopy(base).train()
-        regs = qp.attach(q, _regs(method, []), fp_model=copy.deepcopy(fp))
+        regs = qp.attach(q, _regs(method, ["layer1", "layer2", "layer3"]), fp_model=copy.deepcopy(fp))
         opt = torch.optim.SGD(q.parameters(), lr=1e-3, momentum=0.9)
 
         def step() -> None:
@@ -176,22 +187,25 @@ def fpq_profile(steps: int = 10) -> None:
         per_op[method] = {e.key: (e.self_cpu_time_total / steps / 1000, e.count // steps) for e in prof.key_averages()}
         regs.detach()
     total = {m: sum(t for t, _ in ops.values()) for m, ops in per_op.items()}
-    print(f"ms per step under the profiler: LSQ {total['LSQ']:.1f}, FPQ {total['FPQ']:.1f}")
-    grow = sorted(((per_op["FPQ"].get(k, (0.0, 0))[0] - per_op["LSQ"].get(k, (0.0, 0))[0], k)
-                   for k in per_op["FPQ"]), reverse=True)
-    print("| op | extra ms per step | calls per step LSQ -> FPQ |\n|---|---:|---:|")
+    print(f"ms per step under the profiler: {base_method} {total[base_method]:.1f}, {method} {total[method]:.1f}")
+    grow = sorted(((per_op[method].get(k, (0.0, 0))[0] - per_op[base_method].get(k, (0.0, 0))[0], k)
+                   for k in per_op[method]), reverse=True)
+    print(f"| op | extra ms per step | calls per step {base_method} -> {method} |\n|---|---:|---:|")
     for extra, k in grow[:12]:
-        print(f"| {k[:60]} | {extra:.2f} | {per_op['LSQ'].get(k, (0.0, 0))[1]} -> {per_op['FPQ'][k][1]} |")
+        print(f"| {k[:60]} | {extra:.2f} | {per_op[base_method].get(k, (0.0, 0))[1]} -> {per_op[method][k][1]} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--mode", default="eager", choices=["eager", "fx"])
+    ap.add_argument("--methods", nargs="+", choices=list(TARGETS), default=None,
+                    help="time only these methods (and LSQ)")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--csd-reduction", action="store_true", help="run the CSD sum-vs-mean accuracy study instead")
     ap.add_argument("--kernels", action="store_true", help="time CSD's kernels and the FP forward's layout instead")
-    ap.add_argument("--profile", action="store_true", help="profile where FPQ's extra step time goes instead")
+    ap.add_argument("--profile", nargs="*", metavar="METHOD", default=None,
+                    help="profile where a method's extra step time goes instead (METHOD [BASE]; default: FPQ LSQ)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -201,24 +215,25 @@ def main() -> None:
     if args.kernels:
         kernel_study()
         return
-    if args.profile:
-        fpq_profile()
+    if args.profile is not None:
+        profile_against(*(args.profile or ["FPQ"]))
         return
     torch.manual_seed(0)
     cases = [
         ("SmallResNet 14x14 b128", SmallResNet(width=16), torch.randn(128, 1, 14, 14), ["layer1", "layer2", "layer3"]),
         ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32), ["layer1", "layer2", "layer3"]),
     ]
-    lines = ["| model | " + " | ".join(TARGETS) + " |", "|---|" + "---:|" * len(TARGETS)]
+    methods = ["LSQ", *[m for m in (args.methods or TARGETS) if m != "LSQ"]]
+    lines = ["| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for name, model, x, blocks in cases:
         y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-        med, paired = measure(name, model, x, y, blocks, args.mode, args.rounds)
+        med, paired = measure(name, model, x, y, blocks, args.mode, args.rounds, methods=methods)
         cells = [f"{med['LSQ'] * 1000:.0f} ms"] + [
             f"{med[m] / med['LSQ']:.2f}x ({paired[m]:.2f}x) {'ok' if med[m] / med['LSQ'] <= TARGETS[m] else 'MISSED'}"
-            for m in list(TARGETS)[1:]]
+            for m in methods[1:]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    lines.append("| target | 1 | " + " | ".join(f"<= {TARGETS[m]}x" for m in list(TARGETS)[1:]) + " |")
+    lines.append("| target | 1 | " + " | ".join(f"<= {TARGETS[m]}x" for m in methods[1:]) + " |")
     table = "\n".join(lines)
     print(table)
     if args.out:

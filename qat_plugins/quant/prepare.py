@@ -101,13 +101,18 @@ def _module_calls(graph: torch.fx.Graph) -> dict[str, int]:
     return calls
 
 
-def fusion_groups(model: nn.Module) -> list[list[str]]:
+def fusion_groups(model: nn.Module, *, traced_only: bool = False) -> list[list[str]]:
     """conv->bn(->relu) runs where each intermediate output has one user (traced when possible).
 
     A conv or BN called more than once per forward is never fused. A ReLU may be shared (torchvision's
     one ``relu`` module per block): :func:`prepare_qat` fuses it and then puts the module back, see there.
+    An untraceable model falls back to registration order (consecutive children), or gives no groups
+    with ``traced_only=True``.
     """
-    return _fusion_groups(model, _trace(model))
+    gm = _trace(model)
+    if gm is None and traced_only:
+        return []
+    return _fusion_groups(model, gm)
 
 
 def _fusion_groups(model: nn.Module, gm: torch.fx.GraphModule | None) -> list[list[str]]:

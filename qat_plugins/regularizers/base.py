@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..taps import FeatureTap, exclusive, find_site, first_tensor, unwrap
+from .frozen_fp import FrozenFP
 from .options import check_number
 
 __all__ = ["Regularizer", "StepContext", "RegularizerSet", "attach", "NonFiniteLossError"]
@@ -85,9 +86,7 @@ class Regularizer(ABC):
         self.fp_model: nn.Module | None = None
         self.fp_taps: list[FeatureTap] = []
         self._taps: list[FeatureTap] = []
-        self._fp_grad_flags: list[tuple[nn.Parameter, bool]] = []
-        self._fp_contiguous: list[torch.Tensor] = []
-        self._fp_was_training = False
+        self._frozen_fp: FrozenFP | None = None
         self.last_loss: torch.Tensor | None = None
         self.steps = 0
 
@@ -112,28 +111,12 @@ class Regularizer(ABC):
         self.fp_model = unwrap(fp_model) if fp_model is not None else None
         try:
             if self.fp_model is not None:
-                self._freeze_fp()
+                self._frozen_fp = FrozenFP.acquire(self.fp_model)
             self._attach()
         except BaseException:
             self.detach()
             raise
         return self
-
-    def _freeze_fp(self) -> None:
-        assert self.fp_model is not None
-        self._fp_was_training = self.fp_model.training
-        self._fp_grad_flags = [(p, p.requires_grad) for p in self.fp_model.parameters()]
-        self.fp_model.eval()
-        self.fp_model.requires_grad_(False)
-        # oneDNN runs the no-grad FP forward faster in channels_last (ResNet-20 about 1.2x, SmallResNet
-        # equal; BENCHMARKS.md "Cost"); the 4-d weights are converted while attached and restored by
-        # detach (project choice)
-        # (``to`` restrides explicitly: ``contiguous(memory_format=...)`` keeps the NCHW strides of a
-        # 1-input-channel stem weight, whose conv then ran in NCHW and made the next conv convert its input)
-        for t in [*self.fp_model.parameters(), *self.fp_model.buffers()]:
-            if t.dim() == 4 and t.device.type == "cpu" and t.is_contiguous():
-                t.data = t.data.to(memory_format=torch.channels_last)
-                self._fp_contiguous.append(t)
 
     def detach(self) -> None:
         """Remove every hook and helper this regularizer added; the models are as before attach."""
@@ -141,14 +124,9 @@ class Regularizer(ABC):
         for tap in self._taps + self.fp_taps:
             tap.remove()
         self._taps, self.fp_taps = [], []
-        for p, flag in self._fp_grad_flags:
-            p.requires_grad_(flag)
-        for t in self._fp_contiguous:
-            t.data = t.data.clone(memory_format=torch.contiguous_format)
-        self._fp_contiguous = []
-        if self.fp_model is not None and self._fp_was_training:
-            self.fp_model.train()
-        self._fp_grad_flags = []
+        if self._frozen_fp is not None:
+            self._frozen_fp.release()
+            self._frozen_fp = None
         self.model = self.fp_model = None
         self.last_loss = None
 
@@ -167,6 +145,11 @@ class Regularizer(ABC):
         t = FeatureTap(model, names, **kw)
         self._taps.append(t)
         return t
+
+    def fp_pre_bn_scale(self, conv: str) -> torch.Tensor | None:
+        """Per-channel ``1 / a`` of an FP conv whose BatchNorm is folded while attached (its output is
+        then the post-BN feature; times this, the pre-BN one up to a per-channel constant), else ``None``."""
+        return self._frozen_fp.pre_bn_scale(conv) if self._frozen_fp is not None else None
 
     def fp_tap(self, names: Sequence[str] = (), **kw: Any) -> FeatureTap:
         """A recording tap on the FP model, enabled only during the shared clean FP forward."""

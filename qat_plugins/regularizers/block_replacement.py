@@ -112,17 +112,20 @@ class BlockReplacementRegularizer(Regularizer):
         served = self._cache.prefix(fp_name)
         served.append((fp_name, feature))
         self.last_skipped = [n for n, _ in served[:-1]]
-        patched = []
+        patched: list[tuple[nn.Module, Any]] = []
         try:
             for name, value in served:
                 mod = self._cache.modules[name]
+                patched.append((mod, mod.__dict__.get("forward")))  # e.g. a folded conv's own instance forward
                 mod.forward = _returning(value)  # instance attribute: shadows the class's forward
-                patched.append(mod)
             with exclusive(self.fp_model):
                 return first_tensor(self.fp_model(inputs))
         finally:
-            for mod in patched:
-                del mod.forward
+            for mod, previous in reversed(patched):
+                if previous is None:
+                    del mod.forward
+                else:
+                    mod.forward = previous
 
     def _loss(self, inputs: Any, targets: torch.Tensor | None, outputs: torch.Tensor,
               ctx: StepContext) -> torch.Tensor:

@@ -87,19 +87,28 @@ def test_fpq_noise_is_bounded_by_half_the_feeding_step(qats, fps, batch):
 
 
 def test_fpq_csd_matches_hand_computation(qats, fps, batch):
+    """CSD against the pre-BN features recorded by hand: the student's from its QAT conv-bn's ``bn``
+    input, the teacher's from an *unattached* copy of the FP model (while attached, the FP model runs
+    with its BatchNorms folded into the convs). One channel's BN scale is negative, where the folded
+    conv's post-BN output is the pre-BN feature mirrored."""
     x, y = batch
     q, fp = pair(qats, fps, "cnn", "eager")
+    with torch.no_grad():
+        fp.bn2.weight[0] = -fp.bn2.weight[0].abs()
+    fp_ref = copy.deepcopy(fp).eval()  # as the attached FP model runs
     layers = ["conv2", "conv3"]
     reg = qp.FeaturePerturbationRegularizer(layers, p=0.0, reduction="sum").attach(q, fp_model=fp)
-    # our own recordings of the pre-BN features: QAT conv-bn's bn input, FP conv output
+    assert reg.fp_pre_bn_scale("conv2") is not None  # folded: the test exercises the mapping back
     feats_q, feats_fp, handles = {}, {}, []
     for n in layers:
         handles.append(q.get_submodule(n).bn.register_forward_pre_hook(
             lambda m, a, n=n: feats_q.__setitem__(n, a[0].detach())))
-        handles.append(fp.get_submodule(n).register_forward_hook(
+        handles.append(fp_ref.get_submodule(n).register_forward_hook(
             lambda m, a, o, n=n: feats_fp.__setitem__(n, o.detach())))
     try:
         loss = reg.loss(x, y, q(x))
+        with torch.no_grad():
+            fp_ref(x)
     finally:
         reg.detach()
         for h in handles:
@@ -111,7 +120,7 @@ def test_fpq_csd_matches_hand_computation(qats, fps, batch):
     # reduction="sum": the per-channel means of the squared differences, summed over channels
     expected = sum(((standardized(feats_q[n]) - standardized(feats_fp[n])) ** 2).mean((0, 2, 3)).sum()
                    for n in layers)
-    # F.batch_norm inside the package vs explicit ops here: float32 rounding of a sum of ~30 terms
+    # per-channel moments inside the package vs explicit ops here: float32 rounding of a sum of ~30 terms
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -202,15 +211,17 @@ def test_br_fp_model_of_a_different_width(qats, batch, name):
     q = copy.deepcopy(qats[name, "eager"]).train()
     other = (SmallResNet if name == "resnet" else SmallCNN)(width=4)
     reg = qp.BlockReplacementRegularizer(BLOCKS[name], sample="all").attach(q, fp_model=other)
+    attached_forwards = {name: vars(m).get("forward") for name, m in other.named_modules()}  # folded BN
     try:
         with pytest.raises(ValueError, match="same architecture"):
             reg.loss(x, y, q(x))
-        # the failed mixed forward left no FP module patched
-        assert not any("forward" in vars(m) for m in other.modules())
+        # the failed mixed forward left no FP module patched (only the attach's BatchNorm folding)
+        assert {name: vars(m).get("forward") for name, m in other.named_modules()} == attached_forwards
         with torch.no_grad():
             assert other(x).shape == (64, 10)
     finally:
         reg.detach()
+    assert not any("forward" in vars(m) for m in other.modules())
 
 
 def test_br_sample_one_is_seeded_and_covers_the_blocks(qats, fps, batch):

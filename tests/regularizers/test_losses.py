@@ -103,6 +103,44 @@ def test_csd_distance_compiled_matches_eager(reduction):
                                     eps=1e-6, atol=1e-7)
 
 
+def _csd_by_hand_64(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean over elements of (standardized a - standardized b)^2, two-pass statistics in float64;
+    differentiable in ``a`` when ``a`` is a float64 leaf that requires grad."""
+    b = b.detach().double()
+    a = a if a.dtype == torch.float64 else a.detach().double()
+    dims = (0, 2, 3)
+    za = (a - a.mean(dims, keepdim=True)) / (a.var(dims, keepdim=True, correction=0) + eps).sqrt()
+    zb = (b - b.mean(dims, keepdim=True)) / (b.var(dims, keepdim=True, correction=0) + eps).sqrt()
+    return ((za - zb) ** 2).mean()
+
+
+def test_csd_distance_compiled_where_moments_are_ill_conditioned():
+    """The compiled CSD works from per-channel moments (sum, sum of squares, cross sum). Against the
+    two-pass float64 hand computation, value and gradient: channel means 10^3 times their spread
+    (float32 moments would lose the variance), a student almost equal to its teacher (the value is a
+    small difference of O(1) terms), and mixed memory layouts (e.g. a channels_last teacher from the
+    FP model and an NCHW student)."""
+    torch.manual_seed(0)
+    base = torch.randn(8, 4, 5, 5)
+    cases = {
+        "large means": (base * 0.1 + 100.0, torch.randn(8, 4, 5, 5) * 0.1 - 100.0),
+        "nearly equal": (base, base + 1e-3 * torch.randn(8, 4, 5, 5)),
+    }
+    for name, (a, b) in cases.items():
+        a64 = a.double().requires_grad_()
+        want = _csd_by_hand_64(a64, b)
+        want.backward()
+        assert float(want) > 0
+        for teacher in (b, b.contiguous(memory_format=torch.channels_last)):
+            for student in (a, a.contiguous(memory_format=torch.channels_last)):
+                z = student.clone().requires_grad_()
+                got = csd_distance(z, teacher, compiled=True)
+                torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=0, msg=name)
+                got.backward()
+                torch.testing.assert_close(z.grad.double(), a64.grad, rtol=1e-3,
+                                           atol=1e-4 * float(a64.grad.abs().max()), msg=name)
+
+
 def test_feature_mse_by_hand():
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
     b = torch.tensor([[0.0, 2.0], [5.0, 1.0]], requires_grad=True)
