@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 import time
 import warnings
@@ -48,21 +49,29 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
         opt = torch.optim.SGD(q.parameters(), lr=1e-3, momentum=0.9)
         runs[method] = (q, regs, opt, [])
 
+    faults: dict[str, list[int]] = {m: [] for m in methods}
+
     def step(method: str) -> float:
         q, regs, opt, _ = runs[method]
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         out = q(x)
         loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        faults[method].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        return dt
 
     for r in range(warmup + rounds):
         for method in methods:
             dt = step(method)
             if r >= warmup:
                 runs[method][3].append(dt)
+    # minor page faults per step: memory the allocator returned to the OS and touches again
+    print(f"{name}: median minor page faults per step: "
+          + ", ".join(f"{m} {statistics.median(v[warmup:]):.0f}" for m, v in faults.items()), flush=True)
     med = {m: statistics.median(v[3]) for m, v in runs.items()}
     # the median of per-round ratios pairs each step with the LSQ step of the same round (robust to drift)
     paired = {m: statistics.median(t / b for t, b in zip(v[3], runs["LSQ"][3])) for m, v in runs.items()}

@@ -182,7 +182,9 @@ class Regularizer(ABC):
             term = self._loss(inputs, targets, out, ctx)
         self.steps += 1
         self.last_loss = term.detach()
-        for t in self._taps:
+        # drop this step's recordings (the FP features too: held until the next step they would raise
+        # the memory of the next forward and backward, and the allocator would return and re-fault it)
+        for t in self._taps + self.fp_taps:
             t.clear()
         return self.weight * term
 

@@ -4,6 +4,8 @@ folded into the convs with the same outputs, shared by every attached regularize
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -150,3 +152,29 @@ def test_frozen_fp_does_not_fold_a_batchnorm_that_erases_its_input(batch, scale)
         assert frozen.pre_bn_scale("layer1.conv2") is not None
     finally:
         frozen.release()
+
+
+def test_fp_recordings_are_released_after_each_step(batch):
+    """The FP features a step records (FPQ's CSD teacher, BR's prefix cache) are dropped once the losses
+    are computed and the backward ran: kept until the next step, they raised that step's memory (the
+    allocator returned it to the OS and faulted it back in, BENCHMARKS.md "Cost")."""
+    x, y = batch
+    fp = _fp_model().eval()
+    q = qp.prepare_qat(fp, weight_bits=4, act_bits=4, example_inputs=(x,))
+    q(x)
+    regs = qp.attach(q.train(), [qp.FeaturePerturbationRegularizer(), qp.BlockReplacementRegularizer(BLOCKS),
+                                 qp.KnowledgeDistillationRegularizer()], fp_model=fp)
+    recorded: list[weakref.ref] = []
+    handle = fp.layer1.conv1.register_forward_hook(lambda m, a, o: recorded.append(weakref.ref(o)))
+    try:
+        out = q(x)
+        loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+        assert all(not getattr(t, "features", None) and not getattr(t, "outputs", None)
+                   for r in regs for t in r.fp_taps)
+        loss.backward()
+        del out, loss
+        gc.collect()
+        assert recorded and all(ref() is None for ref in recorded)
+    finally:
+        handle.remove()
+        regs.detach()
