@@ -72,9 +72,10 @@ def _csd_forward(z: torch.Tensor, teacher: torch.Tensor, teacher_scale: torch.Te
 
     The teacher is ``teacher * teacher_scale`` (per channel), first brought into the student's memory
     layout (``channels_last`` or contiguous; compiled, a tiled transpose about 3x faster than ATen's
-    copy) and returned so (a kernel reading the two layouts together is slower than the copy). With ``a = var_z / (var_z + eps)``, ``b``
-    the same for the teacher and ``r = cov(z, t) / sqrt((var_z + eps)(var_t + eps))``, the sum of
-    ``(z_hat - t_hat)^2`` over a channel's ``n`` elements is ``n (a + b - 2 r)``. The moments are
+    copy) and returned so (a kernel reading the two layouts together is slower than the copy). With
+    ``a = var_z / (var_z + eps)``, ``b`` the same for the teacher and ``r = cov(z, t) / sqrt((var_z +
+    eps)(var_t + eps))``, the sum of ``(z_hat - t_hat)^2`` over a channel's ``n`` elements is
+    ``n (a + b - 2 r)``. The moments are
     accumulated in float64 (``E[z^2] - E[z]^2`` in float32 would lose digits when a channel's mean is
     large against its spread).
     """
@@ -96,8 +97,8 @@ def _csd_forward(z: torch.Tensor, teacher: torch.Tensor, teacher_scale: torch.Te
     coef_s = k * inv_s * inv_s * (1.0 - a + r)
     coef_t = k * inv_s * inv_t
     shift = coef_s * mean_s - coef_t * mean_t
-    return (loss.to(z.dtype), teacher, coef_s.to(z.dtype), (coef_t * teacher_scale.double().reshape(shape)).to(z.dtype),
-            shift.to(z.dtype))
+    coef_t = coef_t * teacher_scale.double().reshape(shape)  # the gradient reads the raw teacher
+    return loss.to(z.dtype), teacher, coef_s.to(z.dtype), coef_t.to(z.dtype), shift.to(z.dtype)
 
 
 def _csd_backward(grad: torch.Tensor, z: torch.Tensor, teacher: torch.Tensor, coef_s: torch.Tensor,

@@ -33,8 +33,9 @@ class FeaturePerturbationRegularizer(Regularizer):
 
     with ``z^l`` the conv output *before* BatchNorm in the quantized student (perturbed training
     forward) and the frozen FP model (clean input; where its BatchNorm is folded while attached, the
-    folded conv's output mapped back per channel, see :class:`~qat_plugins.regularizers.frozen_fp.FrozenFP`); mean/variance per channel over batch and spatial
-    axes. ``reduction="sum"`` is the paper's sum over layers and channels (of the per-channel mean
+    folded conv's output mapped back per channel, see
+    :class:`~qat_plugins.regularizers.frozen_fp.FrozenFP`); mean/variance per channel over batch and
+    spatial axes. ``reduction="sum"`` is the paper's sum over layers and channels (of the per-channel mean
     over batch and positions). The paper adds ``L_CSD`` to the task loss with weight 1.
 
     Defaults: layers=None (every conv layer; paper), weight=1.0 (paper), p=0.1 (paper's best),

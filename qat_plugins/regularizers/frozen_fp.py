@@ -51,7 +51,11 @@ class FrozenFP:
         frozen = cls._frozen.get(model)
         if frozen is None:
             frozen = cls(model)
-            frozen._freeze()
+            try:
+                frozen._freeze()
+            except BaseException:
+                frozen._restore()  # a partial freeze leaves nothing behind
+                raise
             cls._frozen[model] = frozen
         frozen.users += 1
         return frozen
