@@ -56,9 +56,8 @@ class StepContext:
                 raise RuntimeError("this regularizer needs fp_model=...; pass it to attach()")
             for t in self.fp_taps:
                 t.enabled = True
-            inputs = self.inputs
-            if isinstance(inputs, torch.Tensor) and inputs.dim() == 4 and inputs.device.type == "cpu":
-                inputs = inputs.contiguous(memory_format=torch.channels_last)  # as the frozen FP model's weights
+            frozen = FrozenFP.lookup(self.fp_model)
+            inputs = frozen.inputs_for(self.inputs) if frozen is not None else self.inputs
             try:
                 with torch.no_grad():
                     self._fp_out = first_tensor(self.fp_model(inputs))

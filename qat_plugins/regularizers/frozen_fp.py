@@ -67,6 +67,18 @@ class FrozenFP:
             del self._frozen[self.model]
             self._restore()
 
+    @classmethod
+    def lookup(cls, model: nn.Module) -> "FrozenFP | None":
+        """The active freeze of ``model``, if any regularizer holds one."""
+        return cls._frozen.get(model)
+
+    def inputs_for(self, inputs: Any) -> Any:
+        """``inputs`` in the memory layout the frozen model computes in: a 4-d CPU tensor goes
+        ``channels_last`` when its weights were restrided (else an input conversion inside every conv)."""
+        if self._restrided and isinstance(inputs, torch.Tensor) and inputs.dim() == 4 and inputs.device.type == "cpu":
+            return inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
+
     def pre_bn_scale(self, conv: str) -> torch.Tensor | None:
         """``1 / a`` per output channel of a folded conv (its output times this is the pre-BN feature
         plus a per-channel constant); ``None`` when ``conv`` is not folded."""
