@@ -71,8 +71,8 @@ def _csd_forward(z: torch.Tensor, teacher: torch.Tensor, teacher_scale: torch.Te
     """CSD's value from per-channel moments, plus what its gradient needs: one pass over both features.
 
     The teacher is ``teacher * teacher_scale`` (per channel), first brought into the student's memory
-    layout (``channels_last`` or contiguous; compiled, a tiled transpose about 3x faster than ATen's
-    copy) and returned so (a kernel reading the two layouts together is slower than the copy). With
+    layout (``channels_last`` or contiguous; compiled, a tiled transpose cheaper than ATen's copy)
+    and returned so (a kernel reading the two layouts together is slower than the copy). With
     ``a = var_z / (var_z + eps)``, ``b`` the same for the teacher and ``r = cov(z, t) / sqrt((var_z +
     eps)(var_t + eps))``, the sum of ``(z_hat - t_hat)^2`` over a channel's ``n`` elements is
     ``n (a + b - 2 r)``. The moments are
@@ -143,7 +143,7 @@ class _CompiledDistance(torch.autograd.Function):
     """CSD with forward and backward each one ``torch.compile``-fused inference kernel, each a single
     pass over the student and teacher features (per-channel moments forward, per-channel affine
     backward; nothing of feature size saved but the two inputs): the value and gradient of
-    :class:`_StandardizedDistance`, about 4x faster on CPU; ``retain_graph=True`` works."""
+    :class:`_StandardizedDistance`, 3-4x faster on CPU; ``retain_graph=True`` works."""
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, teacher: torch.Tensor, teacher_scale: torch.Tensor, eps: float,
@@ -181,7 +181,7 @@ def csd_distance(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-5
     channel (a frozen FP model's folded BatchNorm, see :meth:`FrozenFP.pre_bn_scale
     <qat_plugins.regularizers.frozen_fp.FrozenFP.pre_bn_scale>`).
     ``compiled=True``: the same value from per-channel moments through ``torch.compile`` (one fused
-    pass over both features per direction, about 4x faster than the eager batch-norm kernels on
+    pass over both features per direction, 3-4x faster than the eager batch-norm kernels on
     CPU; float32 rounding differs by ~1e-6 relative); the first call compiles (seconds); if
     compiling fails, one warning and the formula runs uncompiled. Only a student feature that
     requires grad takes the compiled path.

@@ -44,7 +44,7 @@ class FeaturePerturbationRegularizer(Regularizer):
     BENCHMARKS.md "CSD reduction"), eps=1e-5 (project choice),
     fallback_ratio=0.1 (project choice, used only without a quantizer), compiled=True (project choice:
     CSD from per-channel moments through ``torch.compile``, one pass over the features per direction,
-    about 4x faster than ATen's batch-norm kernels on CPU, same value within float rounding; the first
+    3-4x faster than ATen's batch-norm kernels on CPU, same value within float rounding; the first
     training step compiles for some seconds, and a failure to compile warns once and runs the same
     formula uncompiled; ``False`` keeps the batch-norm kernels). Open choices made here
     (project choice): noise after the activation quantizer, a coin per layer per forward.
