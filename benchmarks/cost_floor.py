@@ -9,6 +9,7 @@ forward + CE + regularizer terms + backward + SGD step.
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout/fold
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --profile [M [BASE]] # where M's extra time goes
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --phases [--methods ...]  # a step's phases, ms
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ def _method(text: str) -> str:
     return text
 
 
-def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], mode: str,
-            rounds: int, methods: list[str], warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
-    """Median step time and median per-round ratio to LSQ of each of ``methods`` (``"LSQ"`` first)."""
+def _setups(fp: torch.nn.Module, x: torch.Tensor, blocks: list[str], mode: str, methods: list[str]) -> dict[str, tuple]:
+    """``{method: (qat model, attached RegularizerSet, SGD, [])}``, every model a copy of one calibrated state."""
     fp.eval()
     base = qp.prepare_qat(fp, weight_bits=4, act_bits=4, mode=mode, example_inputs=(x[:2],))
     base(x)  # calibrate once; every method starts from the same state
@@ -56,6 +56,13 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
         regs = qp.attach(q, _regs(method, blocks), fp_model=copy.deepcopy(fp))
         opt = torch.optim.SGD(q.parameters(), lr=1e-3, momentum=0.9)
         runs[method] = (q, regs, opt, [])
+    return runs
+
+
+def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], mode: str,
+            rounds: int, methods: list[str], warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Median step time and median per-round ratio to LSQ of each of ``methods`` (``"LSQ"`` first)."""
+    runs = _setups(fp, x, blocks, mode, methods)
 
     faults: dict[str, list[int]] = {m: [] for m in methods}
 
@@ -86,6 +93,64 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
     for _, regs, _, _ in runs.values():
         regs.detach()
     return med, paired
+
+
+def phase_study(methods: list[str], rounds: int = 30, warmup: int = 5) -> None:
+    """Median ms of each phase of a step on SmallResNet (14x14, batch 128), methods interleaved: the
+    training forward, each regularizer's ``loss`` (in the order the set computes them; the first one
+    that needs the FP model runs the shared clean FP forward), backward, SGD step; and minor page
+    faults per step. The sum of the parts measured alone against the combination shows what the
+    combination costs beyond its parts."""
+    torch.manual_seed(0)
+    fp, x = SmallResNet(width=16), torch.randn(128, 1, 14, 14)
+    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
+    runs = _setups(fp, x, ["layer1", "layer2", "layer3"], "eager", methods)
+    times: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    faults: dict[str, dict[str, list[int]]] = {m: {} for m in methods}
+    clock: list[tuple[str, float, int]] = []
+
+    def now(name: str) -> None:
+        clock.append((name, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
+
+    def timed(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def call(*args: object, **kwargs: object) -> torch.Tensor:
+            out = fn(*args, **kwargs)
+            now(name)
+            return out
+        return call
+
+    for _, regs, _, _ in runs.values():
+        for r in regs:
+            r.loss = timed(r.name, r.loss)  # instance attribute: notes when each term is done
+    for i in range(warmup + rounds):
+        for method in methods:
+            q, regs, opt, _ = runs[method]
+            clock.clear()
+            now("start")
+            out = q(x)
+            now("forward")
+            loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            now("backward")
+            opt.step()
+            now("step")
+            if i >= warmup:
+                for (_, t0, f0), (name, t1, f1) in zip(clock, clock[1:]):
+                    times[method].setdefault(name, []).append((t1 - t0) * 1000)
+                    faults[method].setdefault(name, []).append(f1 - f0)
+                times[method].setdefault("total", []).append((clock[-1][1] - clock[0][1]) * 1000)
+    for _, regs, _, _ in runs.values():
+        regs.detach()
+    lsq = statistics.median(times["LSQ"]["total"]) if "LSQ" in times else None
+    print("| method | phases, median ms (in order) | total ms | vs LSQ | minor page faults (median per phase) |"
+          "\n|---|---|---:|---:|---|")
+    for method, phases in times.items():
+        parts = ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items() if k != "total")
+        pf = ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in faults[method].items() if statistics.median(v))
+        total = statistics.median(phases["total"])
+        ratio = f"{total / lsq:.2f}x" if lsq else "-"
+        print(f"| {method} | {parts} | {total:.1f} | {ratio} | {pf or 0} |")
 
 
 def csd_reduction_study(steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2)) -> None:
@@ -221,6 +286,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--csd-reduction", action="store_true", help="run the CSD sum-vs-mean accuracy study instead")
     ap.add_argument("--kernels", action="store_true", help="time CSD's kernels and the FP forward's layout instead")
+    ap.add_argument("--phases", action="store_true",
+                    help="time the phases of a step (forward, each term, backward, SGD) on SmallResNet instead")
     ap.add_argument("--profile", nargs="*", metavar="METHOD", default=None,
                     help="profile where a method's extra step time goes instead (METHOD [BASE]; default: FPQ LSQ)")
     args = ap.parse_args()
@@ -231,6 +298,9 @@ def main() -> None:
         return
     if args.kernels:
         kernel_study()
+        return
+    if args.phases:
+        phase_study(["LSQ", *[m for m in (args.methods or TARGETS) if m != "LSQ"]], rounds=args.rounds)
         return
     if args.profile is not None:
         profile_against(*(args.profile or ["FPQ"]))

@@ -78,6 +78,9 @@ class Regularizer(ABC):
 
     name: ClassVar[str] = "base"
     needs_fp_model: ClassVar[bool] = False
+    #: its term runs an extra forward of the student whose graph lives until backward (CR's strong
+    #: view); :class:`RegularizerSet` computes such terms after the others (see its docstring)
+    extra_student_forward: ClassVar[bool] = False
 
     def __init__(self, weight: float = 1.0) -> None:
         self.weight = check_number("weight", weight, low=0.0)
@@ -217,7 +220,11 @@ class Regularizer(ABC):
 class RegularizerSet:
     """Several regularizers attached to one model; ``loss`` sums their weighted terms.
 
-    The clean FP forward is shared (run once per step for all of them). A non-finite term raises
+    The clean FP forward is shared (run once per step for all of them). Terms are computed in the
+    order given, except that those of regularizers with :attr:`Regularizer.extra_student_forward`
+    (CR) come after the others: the FP forward's temporaries and recordings are then freed before
+    the extra student graph is allocated, which lowers the step's peak memory (measured in
+    BENCHMARKS.md "Cost"); each term is the same in any order. A non-finite term raises
     :class:`NonFiniteLossError` naming the regularizer; the check costs one host sync per step for all
     terms together (``check_finite=False`` skips it). :attr:`last_losses` converts the latest terms to
     floats when read (one more sync). Use as a context manager to detach on exit.
@@ -264,11 +271,12 @@ class RegularizerSet:
         fp_taps = [t for r in self.regularizers for t in r.fp_taps]
         fp = self.regularizers[0].fp_model
         ctx = StepContext(inputs, fp, fp_taps)
+        computed: dict[int, torch.Tensor] = {}
+        for i in sorted(range(len(self.regularizers)), key=lambda i: self.regularizers[i].extra_student_forward):
+            computed[i] = self.regularizers[i].loss(inputs, targets, outputs, context=ctx)
         self._last_terms = {}
-        terms = []
-        for i, r in enumerate(self.regularizers):
-            term = r.loss(inputs, targets, outputs, context=ctx)
-            terms.append(term)
+        terms = [computed[i] for i in range(len(self.regularizers))]
+        for i, (r, term) in enumerate(zip(self.regularizers, terms)):
             key = r.name if r.name not in self._last_terms else f"{r.name}{i}"
             self._last_terms[key] = term.detach()
             total = total + term

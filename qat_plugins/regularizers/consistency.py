@@ -50,6 +50,7 @@ class ConsistencyRegularizer(Regularizer):
     """
 
     name = "cr"
+    extra_student_forward = True
 
     def __init__(self, layers: Sequence[str] | None = None, weight: float = 1.0,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None, *, teacher: str = "none",

@@ -75,6 +75,28 @@ def test_each_term_in_any_order_equals_its_term_alone(setups, fp_resnet, batch, 
             torch.testing.assert_close(terms[k], alone[k], rtol=0, atol=0, msg=f"{k} in {order}")
 
 
+def test_set_computes_extra_student_forwards_last_and_reports_in_the_given_order(setups, fp_resnet, batch):
+    """CR (an extra student forward whose graph lives until backward) is computed after the FP-side
+    terms, whatever the order given, so the FP forward's memory is freed before CR's graph exists;
+    ``last_losses`` and the sum keep the given order."""
+    x, y = batch
+    q, fp = copy.deepcopy(setups["eager"]).train(), copy.deepcopy(fp_resnet)
+    regs = [_make(k) for k in ("cr", "kd", "fpq", "br")]
+    calls: list[str] = []
+    for r in regs:
+        def recorded(*args, _r=r, _inner=r._loss):
+            calls.append(_r.name)
+            return _inner(*args)
+        r._loss = recorded  # instance attribute: records when each term is computed
+    with qp.attach(q, regs, fp_model=fp) as rs:
+        out = q(x)
+        total = rs.loss(x, y, out)
+        assert calls == ["kd", "fpq", "br", "cr"]
+        assert list(rs.last_losses) == ["cr", "kd", "fpq", "br"]
+        expected = sum((r.weight * r.last_loss for r in regs), torch.zeros(()))
+        torch.testing.assert_close(total.detach(), expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["eager", "fx"])
 def test_fpq_with_noise_term_unchanged_by_others_and_extra_forwards_unperturbed(setups, fp_resnet, batch, mode):
     """p=1: the training forward is perturbed on every conv (same seed -> same noise); CR's strong view
