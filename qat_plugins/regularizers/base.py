@@ -223,8 +223,8 @@ class RegularizerSet:
     The clean FP forward is shared (run once per step for all of them). Terms are computed in the
     order given, except that those of regularizers with :attr:`Regularizer.extra_student_forward`
     (CR) come after the others: the FP forward's temporaries and recordings are then freed before
-    the extra student graph is allocated, which lowers the step's peak memory (measured in
-    BENCHMARKS.md "Cost"); each term is the same in any order. A non-finite term raises
+    the extra student graph is allocated, instead of being allocated on top of it (design note:
+    docs/regularizers.md, "Cost floors"); each term is the same in any order. A non-finite term raises
     :class:`NonFiniteLossError` naming the regularizer; the check costs one host sync per step for all
     terms together (``check_finite=False`` skips it). :attr:`last_losses` converts the latest terms to
     floats when read (one more sync). Use as a context manager to detach on exit.
