@@ -59,6 +59,23 @@ def _setups(fp: torch.nn.Module, x: torch.Tensor, blocks: list[str], mode: str, 
     return runs
 
 
+def _train_step(run: tuple, x: torch.Tensor, y: torch.Tensor, mark: Callable[[str], None] | None = None) -> None:
+    """One step of the user's loop (forward, CE + the terms, zero_grad, backward, SGD step) of a
+    :func:`_setups` entry; ``mark(phase)`` after the forward, the backward and the step."""
+    q, regs, opt, _ = run
+    out = q(x)
+    if mark:
+        mark("forward")
+    loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if mark:
+        mark("backward")
+    opt.step()
+    if mark:
+        mark("step")
+
+
 def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], mode: str,
             rounds: int, methods: list[str], warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
     """Median step time and median per-round ratio to LSQ of each of ``methods`` (``"LSQ"`` first)."""
@@ -67,14 +84,9 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
     faults: dict[str, list[int]] = {m: [] for m in methods}
 
     def step(method: str) -> float:
-        q, regs, opt, _ = runs[method]
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
-        out = q(x)
-        loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _train_step(runs[method], x, y)
         dt = time.perf_counter() - t0
         faults[method].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         return dt
@@ -124,17 +136,9 @@ def phase_study(methods: list[str], rounds: int = 30, warmup: int = 5) -> None:
             r.loss = timed(r.name, r.loss)  # instance attribute: notes when each term is done
     for i in range(warmup + rounds):
         for method in methods:
-            q, regs, opt, _ = runs[method]
             clock.clear()
             now("start")
-            out = q(x)
-            now("forward")
-            loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            now("backward")
-            opt.step()
-            now("step")
+            _train_step(runs[method], x, y, now)
             if i >= warmup:
                 for (_, t0, f0), (name, t1, f1) in zip(clock, clock[1:]):
                     times[method].setdefault(name, []).append((t1 - t0) * 1000)
@@ -246,28 +250,16 @@ def profile_against(method: str = "FPQ", base_method: str = "LSQ", steps: int = 
     torch.manual_seed(0)
     fp, x = SmallResNet(width=16).eval(), torch.randn(128, 1, 14, 14)
     y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
-    base = qp.prepare_qat(fp, weight_bits=4, act_bits=4, example_inputs=(x[:2],))
-    base(x)
     per_op: dict[str, dict[str, tuple[float, int]]] = {}
-    for method in (base_method, method):
-        q = copy.deepcopy(base).train()
-        regs = qp.attach(q, _regs(method, ["layer1", "layer2", "layer3"]), fp_model=copy.deepcopy(fp))
-        opt = torch.optim.SGD(q.parameters(), lr=1e-3, momentum=0.9)
-
-        def step() -> None:
-            out = q(x)
-            loss = F.cross_entropy(out, y) + regs.loss(x, y, out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+    for name in (base_method, method):  # one model at a time: the other's memory stays out of the profile
+        run = _setups(fp, x, ["layer1", "layer2", "layer3"], "eager", [name])[name]
         for _ in range(5):  # warm up (FPQ: compile)
-            step()
+            _train_step(run, x, y)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                step()
-        per_op[method] = {e.key: (e.self_cpu_time_total / steps / 1000, e.count // steps) for e in prof.key_averages()}
-        regs.detach()
+                _train_step(run, x, y)
+        per_op[name] = {e.key: (e.self_cpu_time_total / steps / 1000, e.count // steps) for e in prof.key_averages()}
+        run[1].detach()
     total = {m: sum(t for t, _ in ops.values()) for m, ops in per_op.items()}
     print(f"ms per step under the profiler: {base_method} {total[base_method]:.1f}, {method} {total[method]:.1f}")
     grow = sorted(((per_op[method].get(k, (0.0, 0))[0] - per_op[base_method].get(k, (0.0, 0))[0], k)

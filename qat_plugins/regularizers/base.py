@@ -271,11 +271,10 @@ class RegularizerSet:
         fp_taps = [t for r in self.regularizers for t in r.fp_taps]
         fp = self.regularizers[0].fp_model
         ctx = StepContext(inputs, fp, fp_taps)
-        computed: dict[int, torch.Tensor] = {}
-        for i in sorted(range(len(self.regularizers)), key=lambda i: self.regularizers[i].extra_student_forward):
-            computed[i] = self.regularizers[i].loss(inputs, targets, outputs, context=ctx)
+        terms: list[torch.Tensor] = [total] * len(self.regularizers)
+        for i in sorted(range(len(terms)), key=lambda i: self.regularizers[i].extra_student_forward):
+            terms[i] = self.regularizers[i].loss(inputs, targets, outputs, context=ctx)
         self._last_terms = {}
-        terms = [computed[i] for i in range(len(self.regularizers))]
         for i, (r, term) in enumerate(zip(self.regularizers, terms)):
             key = r.name if r.name not in self._last_terms else f"{r.name}{i}"
             self._last_terms[key] = term.detach()
