@@ -14,6 +14,7 @@ from ..quant.prepare import fusion_groups
 from ..taps import FeatureTap, exclusive, find_site, first_tensor, unwrap
 from ._losses import kd_kl
 from .base import Regularizer, StepContext
+from .frozen_fp import FrozenFP
 from .options import OptionError, check_bool, check_choice, check_int, check_names, check_number
 
 __all__ = ["BlockReplacementRegularizer"]
@@ -110,7 +111,8 @@ class BlockReplacementRegularizer(Regularizer):
             raise ValueError(f"block {block!r}: the quantized output {tuple(feature.shape)} does not match the FP "
                              f"output {tuple(clean.shape)}; the FP model must be the same architecture")
         served = self._cache.prefix(fp_name)
-        served.append((fp_name, feature))
+        frozen = FrozenFP.lookup(self.fp_model)
+        served.append((fp_name, frozen.feature_for(feature) if frozen is not None else feature))
         self.last_skipped = [n for n, _ in served[:-1]]
         patched: list[tuple[nn.Module, Any]] = []
         try:

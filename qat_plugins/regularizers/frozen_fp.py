@@ -27,7 +27,11 @@ class FrozenFP:
     folded) computes ``a * conv(x) + b`` with the BN folded into its weights while the BN returns its
     input: one pass fewer per conv in every FP forward and backward, the same outputs within float
     rounding. A folded conv's output is therefore the *post*-BN feature; :meth:`pre_bn_scale` gives
-    ``1 / a`` per channel, which maps it back to the pre-BN feature up to a per-channel offset.
+    ``1 / a`` per channel, which maps it back to the pre-BN feature up to a per-channel offset. With
+    ``channels_last`` weights, an ``AdaptiveAvgPool2d`` to 1x1 averages with ``avg_pool2d`` (same
+    values within float rounding), whose backward keeps the layout, and :meth:`feature_for` brings a
+    QAT feature into the layout with its gradient returned in the feature's own: no op of a backward
+    through the FP model mixes layouts.
 
     Parameters, buffers and the state_dict are never changed in value; the folded weights are held
     here and the modules get instance ``forward`` functions, removed on restore. The FP model must
@@ -79,6 +83,15 @@ class FrozenFP:
             return inputs.contiguous(memory_format=torch.channels_last)
         return inputs
 
+    def feature_for(self, feature: torch.Tensor) -> torch.Tensor:
+        """``feature`` (e.g. a QAT block output fed into the FP model) in the layout the frozen model
+        computes in; its gradient goes back in ``feature``'s own layout, so the QAT model's backward
+        does not mix layouts (a slow elementwise path) after the FP suffix's."""
+        if (self._restrided and feature.dim() == 4 and feature.device.type == "cpu"
+                and not feature.is_contiguous(memory_format=torch.channels_last)):
+            return _ChannelsLast.apply(feature)
+        return feature
+
     def pre_bn_scale(self, conv: str) -> torch.Tensor | None:
         """``1 / a`` per output channel of a folded conv (its output times this is the pre-BN feature
         plus a per-channel constant); ``None`` when ``conv`` is not folded."""
@@ -107,6 +120,11 @@ class FrozenFP:
             bn.forward = _identity
             self._patched += [conv, bn]
             self._scales[group[0]] = scale
+        if self._restrided:
+            for mod in modules.values():
+                if _global_average(mod):
+                    mod.forward = _average_pool_all  # instance attribute: shadows AdaptiveAvgPool2d.forward
+                    self._patched.append(mod)
 
     def _restore(self) -> None:
         for mod in self._patched:
@@ -150,6 +168,33 @@ def _folded_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> C
     def forward(x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return forward
+
+
+def _global_average(mod: nn.Module) -> bool:
+    """An ``AdaptiveAvgPool2d`` to 1x1 nobody watches or replaced."""
+    size = getattr(mod, "output_size", None)
+    return (type(mod) is nn.AdaptiveAvgPool2d and size in (1, (1, 1), [1, 1])
+            and not ("forward" in mod.__dict__ or mod._forward_hooks or mod._forward_pre_hooks))
+
+
+def _average_pool_all(x: torch.Tensor) -> torch.Tensor:
+    """Global average pooling whose backward keeps a ``channels_last`` input's layout (the mean's
+    backward returns a contiguous gradient, and the ReLU backward before it then mixes layouts)."""
+    if x.dim() == 4:
+        return F.avg_pool2d(x, tuple(x.shape[-2:]))
+    return F.adaptive_avg_pool2d(x, 1)
+
+
+class _ChannelsLast(torch.autograd.Function):
+    """``x`` in ``channels_last``; the gradient back in contiguous layout."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
