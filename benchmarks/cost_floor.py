@@ -7,7 +7,7 @@ forward + CE + regularizer terms + backward + SGD step.
 
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
-    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout/fold
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout/fold, pool
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --profile [M [BASE]] # where M's extra time goes
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --phases [--methods ...]  # a step's phases, ms
 """
@@ -242,6 +242,21 @@ def kernel_study(reps: int = 50) -> None:
         print(f"| {name} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in res.values()) + " |")
 
 
+def pool_study(reps: int = 100) -> None:
+    """ReLU, global average pool and their backward on a channels_last feature (the end of BR's FP
+    suffix): ``adaptive_avg_pool2d`` (a mean, whose backward returns a contiguous gradient, so the
+    ReLU backward mixes layouts) vs ``avg_pool2d`` over the whole plane (what the frozen FP model
+    uses), ms min / median of ``reps``, interleaved."""
+    print("\n| ReLU + global pool, forward + backward | adaptive_avg_pool2d | avg_pool2d |\n|---|---:|---:|")
+    for shape in [(128, 64, 4, 4), (64, 64, 8, 8)]:
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+        g = torch.randn(shape[0], shape[1])
+        fns = {"adaptive": lambda: F.adaptive_avg_pool2d(torch.relu(x), 1).flatten(1).backward(g),
+               "avg_pool2d": lambda: F.avg_pool2d(torch.relu(x), shape[2:]).flatten(1).backward(g)}
+        res = _interleaved(fns, reps)
+        print(f"| {'x'.join(map(str, shape))} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in res.values()) + " |")
+
+
 def profile_against(method: str = "FPQ", base_method: str = "LSQ", steps: int = 10) -> None:
     """torch.profiler of ``steps`` ``base_method`` and ``method`` steps on SmallResNet (14x14, batch 128):
     ms per step, and the ops whose self time grows most from the one to the other (ms, calls per step)."""
@@ -277,7 +292,8 @@ def main() -> None:
                     help="time only these methods (and LSQ); any '+' combination of CR, FPQ, BR, KD")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--csd-reduction", action="store_true", help="run the CSD sum-vs-mean accuracy study instead")
-    ap.add_argument("--kernels", action="store_true", help="time CSD's kernels and the FP forward's layout instead")
+    ap.add_argument("--kernels", action="store_true",
+                    help="time CSD's kernels, the FP forward's layout and the global pool's backward instead")
     ap.add_argument("--phases", action="store_true",
                     help="time the phases of a step (forward, each term, backward, SGD) on SmallResNet instead")
     ap.add_argument("--profile", nargs="*", metavar="METHOD", default=None,
@@ -290,6 +306,7 @@ def main() -> None:
         return
     if args.kernels:
         kernel_study()
+        pool_study()
         return
     if args.phases:
         phase_study(["LSQ", *[m for m in (args.methods or TARGETS) if m != "LSQ"]], rounds=args.rounds)

@@ -202,8 +202,9 @@ class _MixedLayouts(TorchDispatchMode):
 def test_frozen_fp_suffix_and_its_gradient_keep_one_layout(batch):
     """BR's FP suffix runs in channels_last on a contiguous QAT block output: the block output enters
     the FP model converted and its gradient returns contiguous, and the global average pool's backward
-    keeps channels_last, so no op of the step mixes the two layouts (before: seven per step, the ReLU
-    backward after the pool 13x slower, BENCHMARKS.md "Cost"). The pool computes the same values."""
+    keeps channels_last, so no op of the step mixes the two layouts (before, the ReLU backward before the
+    pool and the QAT block's backward did: a slow elementwise path, BENCHMARKS.md "Cost"). The pool
+    computes the same values."""
     x, y = batch
     fp = _fp_model().eval()
     ref = copy.deepcopy(fp)
