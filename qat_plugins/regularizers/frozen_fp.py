@@ -77,16 +77,15 @@ class FrozenFP:
         return cls._frozen.get(model)
 
     def inputs_for(self, inputs: Any) -> Any:
-        """``inputs`` in the memory layout the frozen model computes in: a 4-d CPU tensor goes
-        ``channels_last`` when its weights were restrided (else an input conversion inside every conv)."""
-        if self._restrided and isinstance(inputs, torch.Tensor) and inputs.dim() == 4 and inputs.device.type == "cpu":
-            return inputs.contiguous(memory_format=torch.channels_last)
-        return inputs
+        """``inputs`` in the memory layout the frozen model computes in (see :meth:`feature_for`;
+        else an input conversion inside every conv); anything but a tensor passes as it is."""
+        return self.feature_for(inputs) if isinstance(inputs, torch.Tensor) else inputs
 
     def feature_for(self, feature: torch.Tensor) -> torch.Tensor:
-        """``feature`` (e.g. a QAT block output fed into the FP model) in the layout the frozen model
-        computes in; its gradient goes back in ``feature``'s own layout, so the QAT model's backward
-        does not mix layouts (a slow elementwise path) after the FP suffix's."""
+        """``feature`` (the clean input, or a QAT block output fed into the FP model) in the layout
+        the frozen model computes in: a 4-d CPU tensor goes ``channels_last`` when its weights were
+        restrided. A gradient goes back in ``feature``'s own layout, so the QAT model's backward does
+        not mix layouts (a slow elementwise path) after the FP suffix's."""
         if (self._restrided and feature.dim() == 4 and feature.device.type == "cpu"
                 and not feature.is_contiguous(memory_format=torch.channels_last)):
             return _ChannelsLast.apply(feature)
