@@ -70,16 +70,18 @@ def _csd_forward(z: torch.Tensor, teacher: torch.Tensor, teacher_scale: torch.Te
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CSD's value from per-channel moments, plus what its gradient needs: one pass over both features.
 
-    The teacher is ``teacher * teacher_scale`` (per channel), first brought into the student's memory
+    The teacher is ``teacher * teacher_scale`` (per channel), first copied into the student's memory
     layout (``channels_last`` or contiguous; compiled, a tiled transpose cheaper than ATen's copy)
-    and returned so (a kernel reading the two layouts together is slower than the copy). With
+    and returned so (a kernel reading the two layouts together is slower than the copy; a copy even
+    in the same layout, since the FP model may change its feature in place after CSD read it). With
     ``a = var_z / (var_z + eps)``, ``b`` the same for the teacher and ``r = cov(z, t) / sqrt((var_z +
     eps)(var_t + eps))``, the sum of ``(z_hat - t_hat)^2`` over a channel's ``n`` elements is
     ``n (a + b - 2 r)``. The moments are
     accumulated in float64 (``E[z^2] - E[z]^2`` in float32 would lose digits when a channel's mean is
     large against its spread).
     """
-    teacher = teacher.contiguous(memory_format=torch.channels_last) if channels_last else teacher.contiguous()
+    # always a copy: the caller's FP model may still change its feature in place (``ReLU(inplace=True)``)
+    teacher = teacher.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     dims = _channel_dims(z)
     n = z.numel() // z.shape[1]
     shape = [1, -1] + [1] * (z.dim() - 2)

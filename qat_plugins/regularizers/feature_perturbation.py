@@ -72,6 +72,7 @@ class FeaturePerturbationRegularizer(Regularizer):
         self._names: list[str] = []
         self._splices: list[GraphSplice] = []
         self._teacher_scales: dict[str, torch.Tensor | None] = {}
+        self._csd: dict[str, torch.Tensor] = {}  # this step's CSD term per layer, filled in the FP forward
         self.fallback_layers: list[str] = []
         self.perturbed = 0  # layers perturbed since the last loss() (for tests and logs)
         self.last_perturbed = 0  # layers perturbed in the training forward before the latest loss()
@@ -126,13 +127,25 @@ class FeaturePerturbationRegularizer(Regularizer):
             pre_sites = [preact_site(student, n) for n in self._names]
         # perturb conv inputs (in the training forward only: loss() and extra forwards run exclusive)
         self.tap(student, sites=in_sites, record=False, transform=self._perturb)
-        # CSD: pre-BN conv outputs of student and FP model
+        # CSD: pre-BN conv outputs of the student (recorded) and the FP model (distilled as produced)
         if self.distill and self.fp_model is not None:
             self._require_in_fp(self._names, "layer")
             self._student_pre = self.tap(student, sites=pre_sites)
-            self._fp_pre = self.fp_tap(sites=[preact_site(self.fp_model, n) for n in self._names])
+            self._fp_pre = self.fp_tap(sites=[preact_site(self.fp_model, n) for n in self._names], record=False,
+                                       transform=self._distill)
             # a folded FP BatchNorm makes the conv output post-BN: CSD maps it back per channel
             self._teacher_scales = {n: self.fp_pre_bn_scale(n) for n in self._names}
+
+    def _distill(self, name: str, teacher: torch.Tensor) -> torch.Tensor:
+        """CSD of layer ``name`` as the clean FP forward produces its teacher feature (still in cache,
+        and not kept afterwards), against the student feature of the training forward; the FP
+        feature passes on unchanged."""
+        student = self._student_pre.features.get(name) if self._student_pre is not None else None
+        if student is not None:
+            with torch.enable_grad():  # the FP forward runs under no_grad; the term's graph is the student's
+                self._csd[name] = csd_distance(student, teacher, self.eps, self.reduction, compiled=self.compiled,
+                                               teacher_scale=self._teacher_scales.get(name))
+        return teacher
 
     def _detach(self) -> None:
         for splice in reversed(self._splices):
@@ -140,6 +153,7 @@ class FeaturePerturbationRegularizer(Regularizer):
         self._splices = []
         self._quantizers = {}
         self._teacher_scales = {}
+        self._csd = {}
         self._student_pre = self._fp_pre = None
 
     def _loss(self, inputs: Any, targets: torch.Tensor | None, outputs: torch.Tensor,
@@ -147,17 +161,18 @@ class FeaturePerturbationRegularizer(Regularizer):
         self.last_perturbed, self.perturbed = self.perturbed, 0
         if self._student_pre is None or self._fp_pre is None:
             return outputs.new_zeros(())
-        student_feats = dict(self._student_pre.features)
+        # Student features are cleared after every step: with all of them present, this step's clean FP
+        # forward (run by whichever regularizer needed it first) computed every term from them
+        recorded = self._student_pre.features
         ctx.fp_forward()
-        fp_feats = self._fp_pre.features
-        missing = [n for n in self._names if n not in student_feats or n not in fp_feats]
+        terms, self._csd = self._csd, {}
+        missing = [n for n in self._names if n not in recorded or n not in terms]
         if missing:
             raise RuntimeError(f"no features recorded for {missing}: call loss() right after the model's "
                                "training forward on the same inputs")
         total = outputs.new_zeros(())
         for n in self._names:
-            total = total + csd_distance(student_feats[n], fp_feats[n], self.eps, self.reduction,
-                                         compiled=self.compiled, teacher_scale=self._teacher_scales.get(n))
+            total = total + terms[n]
         return total / len(self._names) if self.reduction == "mean" else total
 
     def config(self) -> dict[str, Any]:

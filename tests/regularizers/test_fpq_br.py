@@ -7,6 +7,8 @@ conftest; every test that changes a model works on a deep copy.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -86,18 +88,25 @@ def test_fpq_noise_is_bounded_by_half_the_feeding_step(qats, fps, batch):
             h.remove()
 
 
-def test_fpq_csd_matches_hand_computation(qats, fps, batch):
+@pytest.mark.parametrize("inplace", [False, True], ids=["relu", "inplace_relu"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_fpq_csd_matches_hand_computation(qats, fps, batch, inplace, compiled):
     """CSD against the pre-BN features recorded by hand: the student's from its QAT conv-bn's ``bn``
     input, the teacher's from an *unattached* copy of the FP model (while attached, the FP model runs
     with its BatchNorms folded into the convs). One channel's BN scale is negative, where the folded
-    conv's post-BN output is the pre-BN feature mirrored."""
+    conv's post-BN output is the pre-BN feature mirrored. With ``ReLU(inplace=True)`` in the FP model
+    the folded BN returns the conv output itself and the ReLU then rewrites it: the teacher is still
+    the pre-ReLU feature, and the backward still finds what CSD saved unchanged."""
     x, y = batch
     q, fp = pair(qats, fps, "cnn", "eager")
+    for m in fp.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = inplace
     with torch.no_grad():
         fp.bn2.weight[0] = -fp.bn2.weight[0].abs()
     fp_ref = copy.deepcopy(fp).eval()  # as the attached FP model runs
     layers = ["conv2", "conv3"]
-    reg = qp.FeaturePerturbationRegularizer(layers, p=0.0, reduction="sum").attach(q, fp_model=fp)
+    reg = qp.FeaturePerturbationRegularizer(layers, p=0.0, reduction="sum", compiled=compiled).attach(q, fp_model=fp)
     assert reg.fp_pre_bn_scale("conv2") is not None  # folded: the test exercises the mapping back
     feats_q, feats_fp, handles = {}, {}, []
     for n in layers:
@@ -107,6 +116,7 @@ def test_fpq_csd_matches_hand_computation(qats, fps, batch):
             lambda m, a, o, n=n: feats_fp.__setitem__(n, o.detach())))
     try:
         loss = reg.loss(x, y, q(x))
+        loss.backward()
         with torch.no_grad():
             fp_ref(x)
     finally:
@@ -122,6 +132,45 @@ def test_fpq_csd_matches_hand_computation(qats, fps, batch):
                    for n in layers)
     # per-channel moments inside the package vs explicit ops here: float32 rounding of a sum of ~30 terms
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ["fpq first", "br first"])
+def test_fpq_distills_each_fp_feature_as_it_is_produced_and_keeps_none(qats, fps, batch, mode, order):
+    """CSD's term of a layer is computed inside the shared clean FP forward, as the FP model produces
+    the teacher feature, whichever regularizer runs that forward: no FP conv output is alive once it
+    returns (only CSD's own copy in the student's layout, for the backward), and the term equals the
+    one of a step where FPQ runs the FP forward itself."""
+    x, y = batch
+    q, fp = pair(qats, fps, "resnet", mode)
+    q_ref, fp_ref = copy.deepcopy(q), copy.deepcopy(fp)
+    regs = [qp.FeaturePerturbationRegularizer(p=0.0), qp.BlockReplacementRegularizer(BLOCKS["resnet"], seed=0)]
+    regs = qp.attach(q, regs if order == "fpq first" else regs[::-1], fp_model=fp)
+    ref = qp.FeaturePerturbationRegularizer(p=0.0).attach(q_ref, fp_model=fp_ref)
+    produced: list[weakref.ref] = []
+    alive_at_end: list[list[bool]] = []  # per FP forward: which conv outputs are still alive as it returns
+
+    def at_end(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
+        gc.collect()
+        alive_at_end.append([r() is not None for r in produced])
+
+    # conv1's output is also bn1's (folded: the BN returns its input), which BR's prefix cache keeps
+    convs = [n for n, m in fp.named_modules() if isinstance(m, nn.Conv2d) and n != "conv1"]
+    handles = [fp.get_submodule(n).register_forward_hook(lambda m, a, o: produced.append(weakref.ref(o)))
+               for n in convs]
+    handles.append(fp.register_forward_hook(at_end))
+    try:
+        out = q(x)
+        regs.loss(x, y, out)
+        assert len(alive_at_end[0]) == len(convs) == 8  # the first FP forward is the clean one
+        assert not any(alive_at_end[0])
+        fpq = next(r for r in regs if r.name == "fpq")
+        torch.testing.assert_close(fpq.last_loss, ref.loss(x, y, q_ref(x)).detach(), rtol=1e-6, atol=1e-7)
+    finally:
+        for h in handles:
+            h.remove()
+        regs.detach()
+        ref.detach()
 
 
 def test_fpq_with_a_different_width_fp_model_fails_clearly(qats, batch):
