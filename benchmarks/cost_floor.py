@@ -10,12 +10,18 @@ forward + CE + regularizer terms + backward + SGD step.
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout/fold, pool
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --profile [M [BASE]] # where M's extra time goes
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --phases [--methods ...]  # a step's phases, ms
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --alone LSQ      # one method alone: ms, page faults
+
+Every mode first lets glibc keep freed memory in the process (:func:`keep_freed_memory`);
+``--glibc-defaults`` measures with the allocator as configured instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import resource
 import statistics
 import time
@@ -29,6 +35,21 @@ import qat_plugins as qp
 from qat_plugins.models import ResNet20, SmallResNet
 
 TARGETS = {"LSQ": 1.0, "CR": 2.05, "FPQ": 1.3, "BR": 1.3, "KD": 1.15, "CR+FPQ+BR": 2.4}
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters, <malloc.h>
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory in this process, as ``MALLOC_TRIM_THRESHOLD_=268435456
+    MALLOC_MMAP_THRESHOLD_=33554432`` would: the heap top is not returned to the OS after a step and
+    blocks under 32 MiB come from the heap, so a step does not fault its memory back in. With glibc's
+    dynamic defaults plain LSQ run alone pays thousands of minor faults per step, and in the
+    interleaved run only the method with the highest peak does (``--alone``, BENCHMARKS.md "Cost").
+    False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, 256 << 20)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
 def _regs(method: str, blocks: list[str]) -> list[qp.Regularizer]:
@@ -105,6 +126,26 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
     for _, regs, _, _ in runs.values():
         regs.detach()
     return med, paired
+
+
+def alone_study(method: str, rounds: int = 30, warmup: int = 5) -> None:
+    """``method`` alone in this process on SmallResNet (14x14, batch 128), no interleaving (as a user's
+    training loop runs): median step time and minor page faults per step."""
+    torch.manual_seed(0)
+    fp, x = SmallResNet(width=16), torch.randn(128, 1, 14, 14)
+    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
+    run = _setups(fp, x, ["layer1", "layer2", "layer3"], "eager", [method])[method]
+    times, faults = [], []
+    for i in range(warmup + rounds):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        _train_step(run, x, y)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    run[1].detach()
+    print(f"| {method} alone | {statistics.median(times):.1f} ms | {statistics.median(faults):.0f} "
+          f"(max {max(faults)}) |")
 
 
 def phase_study(methods: list[str], rounds: int = 30, warmup: int = 5) -> None:
@@ -298,9 +339,19 @@ def main() -> None:
                     help="time the phases of a step (forward, each term, backward, SGD) on SmallResNet instead")
     ap.add_argument("--profile", nargs="*", metavar="METHOD", default=None,
                     help="profile where a method's extra step time goes instead (METHOD [BASE]; default: FPQ LSQ)")
+    ap.add_argument("--alone", type=_method, default=None, metavar="METHOD",
+                    help="time METHOD alone (no interleaving) on SmallResNet instead: step time, page faults")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="keep glibc's malloc as configured (default: keep freed memory, see keep_freed_memory)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    kept = not args.glibc_defaults and keep_freed_memory()
+    print(f"allocator: {'freed memory kept (mallopt)' if kept else 'as configured (glibc defaults unless MALLOC_* set)'}",
+          flush=True)
+    if args.alone:
+        alone_study(args.alone, rounds=args.rounds)
+        return
     if args.csd_reduction:
         csd_reduction_study()
         return
