@@ -36,7 +36,10 @@ class FeaturePerturbationRegularizer(Regularizer):
     folded conv's output mapped back per channel, see
     :class:`~qat_plugins.regularizers.frozen_fp.FrozenFP`); mean/variance per channel over batch and
     spatial axes. ``reduction="sum"`` is the paper's sum over layers and channels (of the per-channel mean
-    over batch and positions). The paper adds ``L_CSD`` to the task loss with weight 1.
+    over batch and positions). The paper adds ``L_CSD`` to the task loss with weight 1. Each layer's
+    term is computed in the step's shared clean FP forward, as the FP model produces the teacher
+    feature (whichever regularizer runs that forward), so the FP feature is read before anything
+    after the conv (an in-place ReLU) can change it and is not kept.
 
     Defaults: layers=None (every conv layer; paper), weight=1.0 (paper), p=0.1 (paper's best),
     distill=True (paper), reduction="mean" (project choice, measured: the paper's sum is ~C*L times
