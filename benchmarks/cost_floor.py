@@ -347,8 +347,8 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     kept = not args.glibc_defaults and keep_freed_memory()
-    print(f"allocator: {'freed memory kept (mallopt)' if kept else 'as configured (glibc defaults unless MALLOC_* set)'}",
-          flush=True)
+    allocator = "freed memory kept (mallopt)" if kept else "as configured (glibc defaults unless MALLOC_* set)"
+    print(f"allocator: {allocator}", flush=True)
     if args.alone:
         alone_study(args.alone, rounds=args.rounds)
         return

@@ -284,8 +284,9 @@ class RegularizerSet:
             if not bool(finite.all()):  # the one host sync of this call
                 i = int((~finite).nonzero()[0])
                 r = self.regularizers[i]
+                value = float(terms[i].detach())
                 raise NonFiniteLossError(
-                    f"regularizer {r.name!r} (#{i}) produced a non-finite loss ({float(terms[i])}); lower its weight "
+                    f"regularizer {r.name!r} (#{i}) produced a non-finite loss ({value}); lower its weight "
                     "or the learning rate, or check the inputs")
         return total
 
