@@ -97,6 +97,14 @@ def _train_step(run: tuple, x: torch.Tensor, y: torch.Tensor, mark: Callable[[st
         mark("step")
 
 
+def _timed_step(run: tuple, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """Seconds and minor page faults of one :func:`_train_step`."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    _train_step(run, x, y)
+    return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+
 def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], mode: str,
             rounds: int, methods: list[str], warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
     """Median step time and median per-round ratio to LSQ of each of ``methods`` (``"LSQ"`` first)."""
@@ -105,11 +113,8 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
     faults: dict[str, list[int]] = {m: [] for m in methods}
 
     def step(method: str) -> float:
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
-        _train_step(runs[method], x, y)
-        dt = time.perf_counter() - t0
-        faults[method].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        dt, f = _timed_step(runs[method], x, y)
+        faults[method].append(f)
         return dt
 
     for r in range(warmup + rounds):
@@ -137,12 +142,10 @@ def alone_study(method: str, rounds: int = 30, warmup: int = 5) -> None:
     run = _setups(fp, x, ["layer1", "layer2", "layer3"], "eager", [method])[method]
     times, faults = [], []
     for i in range(warmup + rounds):
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
-        _train_step(run, x, y)
+        dt, f = _timed_step(run, x, y)
         if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1000)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+            times.append(dt * 1000)
+            faults.append(f)
     run[1].detach()
     print(f"| {method} alone | {statistics.median(times):.1f} ms | {statistics.median(faults):.0f} "
           f"(max {max(faults)}) |")
