@@ -1,7 +1,8 @@
 """Cost of each regularizer per training step, relative to plain LSQ QAT (issue 11's cost floors).
 
 One process, one thread; every method has its own QAT model copy, and the methods are timed
-interleaved (round robin, one step each per round) so machine load hits all alike; the median step
+interleaved (one step each per round, in a seeded random order per round) so machine load and the
+previous step's cache and heap state hit all alike; the median step
 time of each is divided by LSQ's (in parentheses: the median of the per-round ratios). A step is
 forward + CE + regularizer terms + backward + SGD step.
 
@@ -22,6 +23,7 @@ import argparse
 import copy
 import ctypes
 import ctypes.util
+import random
 import resource
 import statistics
 import time
@@ -117,8 +119,10 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
         faults[method].append(f)
         return dt
 
+    order = random.Random(0)
     for r in range(warmup + rounds):
-        for method in methods:
+        # a fresh order each round: no method always follows the same one (cache, heap state)
+        for method in order.sample(methods, len(methods)):
             dt = step(method)
             if r >= warmup:
                 runs[method][3].append(dt)
@@ -379,7 +383,7 @@ def main() -> None:
         y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
         med, paired = measure(name, model, x, y, blocks, args.mode, args.rounds, methods)
         cells = [f"{med['LSQ'] * 1000:.0f} ms"] + [
-            f"{med[m] / med['LSQ']:.2f}x ({paired[m]:.2f}x)" + (
+            f"{med[m] / med['LSQ']:.3f}x ({paired[m]:.3f}x)" + (
                 "" if m not in TARGETS else " ok" if med[m] / med["LSQ"] <= TARGETS[m] else " MISSED")
             for m in methods[1:]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
