@@ -6,7 +6,7 @@ previous step's cache and heap state hit all alike; the median step
 time of each is divided by LSQ's (in parentheses: the median of the per-round ratios). A step is
 forward + CE + regularizer terms + backward + SGD step.
 
-    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--out FILE]
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--models ...] [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout/fold, pool
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --profile [M [BASE]] # where M's extra time goes
@@ -336,6 +336,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--mode", default="eager", choices=["eager", "fx"])
+    ap.add_argument("--models", nargs="+", default=["SmallResNet", "ResNet20"], choices=["SmallResNet", "ResNet20"],
+                    help="time only these models (default: both)")
     ap.add_argument("--methods", nargs="+", type=_method, default=None,
                     help="time only these methods (and LSQ); any '+' combination of CR, FPQ, BR, KD")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
@@ -379,7 +381,7 @@ def main() -> None:
     ]
     methods = ["LSQ", *[m for m in (args.methods or TARGETS) if m != "LSQ"]]
     lines = ["| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-    for name, model, x, blocks in cases:
+    for name, model, x, blocks in [c for c in cases if c[0].split()[0] in args.models]:
         y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
         med, paired = measure(name, model, x, y, blocks, args.mode, args.rounds, methods)
         cells = [f"{med['LSQ'] * 1000:.0f} ms"] + [
