@@ -2,13 +2,13 @@
 
 One process, one thread; every method has its own QAT model copy, and the methods are timed
 interleaved (one step each per round, in a seeded random order per round) so machine load and the
-previous step's cache and heap state hit all alike; the median step
-time of each is divided by LSQ's (in parentheses: the median of the per-round ratios). A step is
-forward + CE + regularizer terms + backward + SGD step.
+previous step's cache and heap state hit all alike; the median step time of each is divided by
+LSQ's (in parentheses: the median of the per-round ratios). A step is forward + CE + regularizer
+terms + backward + SGD step.
 
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--models ...] [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
-    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout/fold, pool
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --kernels         # CSD eager vs compiled, FP layout/fold, pool, FP conv rate
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --profile [M [BASE]] # where M's extra time goes
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --phases [--methods ...]  # a step's phases, ms
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --alone LSQ      # one method alone: ms, page faults
@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import qat_plugins as qp
 from qat_plugins.models import ResNet20, SmallResNet
@@ -52,6 +53,13 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_TRIM_THRESHOLD, 256 << 20)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
+
+
+def _models() -> dict[str, tuple[str, torch.nn.Module, torch.Tensor]]:
+    """The two benchmark models with their input batch, built in this order from the current RNG state
+    (both always, so that each model's weights and input do not depend on which are timed)."""
+    return {"SmallResNet": ("SmallResNet 14x14 b128", SmallResNet(width=16), torch.randn(128, 1, 14, 14)),
+            "ResNet20": ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32))}
 
 
 def _regs(method: str, blocks: list[str]) -> list[qp.Regularizer]:
@@ -277,8 +285,7 @@ def kernel_study(reps: int = 50) -> None:
         print(f"| {'x'.join(map(str, shape))} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in res.values()) + " |")
     print("\n| FP model no-grad forward | contiguous min / median | channels_last | frozen (channels_last, BN folded) |"
           "\n|---|---:|---:|---:|")
-    for name, model, x in [("SmallResNet 14x14 b128", SmallResNet(width=16), torch.randn(128, 1, 14, 14)),
-                           ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32))]:
+    for name, model, x in _models().values():
         model.eval()
         cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
         folded = copy.deepcopy(model)
@@ -288,6 +295,34 @@ def kernel_study(reps: int = 50) -> None:
             res = _interleaved({"nchw": lambda: model(x), "cl": lambda: cl(x_cl), "frozen": lambda: folded(x_cl)}, reps)
         frozen.release()
         print(f"| {name} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in res.values()) + " |")
+
+
+def conv_rate_study(reps: int = 30) -> None:
+    """The frozen FP model's no-grad forward (KD's cost) against this core's compute rate: its FLOPs
+    (``FlopCounterMode``), median ms, its convs' ms under the profiler and their GFLOP/s, next to a
+    single-threaded 2048x2048 SGEMM."""
+    from qat_plugins.regularizers.frozen_fp import FrozenFP
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm_ms = _interleaved({"sgemm": lambda: a @ b}, 10)["sgemm"][1]
+    print(f"\nSGEMM 2048x2048x2048, one thread: {2 * 2048 ** 3 / gemm_ms / 1e6:.0f} GFLOP/s (median of 10)")
+    print("| frozen FP no-grad forward | GFLOP | median ms | convs ms (profiler) | convs GFLOP/s |\n|---|---:|---:|---:|---:|")
+    for name, model, x in _models().values():
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        gflop = counter.get_total_flops() / 1e9
+        frozen = FrozenFP.acquire(model)
+        with torch.no_grad():
+            ms = _interleaved({"fwd": lambda: model(frozen.inputs_for(x))}, reps)["fwd"][1]
+            with torch.autograd.profiler.profile() as prof:
+                for _ in range(10):
+                    model(frozen.inputs_for(x))
+        frozen.release()
+        conv_ms = sum(e.self_cpu_time_total for e in prof.key_averages()
+                      if e.key in ("aten::mkldnn_convolution", "aten::_convolution_pointwise")) / 10 / 1000
+        print(f"| {name} | {gflop:.3f} | {ms:.1f} | {conv_ms:.1f} | {gflop / conv_ms * 1000:.0f} |")
 
 
 def pool_study(reps: int = 100) -> None:
@@ -343,7 +378,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--csd-reduction", action="store_true", help="run the CSD sum-vs-mean accuracy study instead")
     ap.add_argument("--kernels", action="store_true",
-                    help="time CSD's kernels, the FP forward's layout and the global pool's backward instead")
+                    help="time CSD's kernels, the FP forward's layout, the global pool's backward and the "
+                         "frozen FP forward's conv rate against SGEMM instead")
     ap.add_argument("--phases", action="store_true",
                     help="time the phases of a step (forward, each term, backward, SGD) on SmallResNet instead")
     ap.add_argument("--profile", nargs="*", metavar="METHOD", default=None,
@@ -367,6 +403,7 @@ def main() -> None:
     if args.kernels:
         kernel_study()
         pool_study()
+        conv_rate_study()
         return
     if args.phases:
         phase_study(["LSQ", *[m for m in (args.methods or TARGETS) if m != "LSQ"]], rounds=args.rounds)
@@ -375,15 +412,12 @@ def main() -> None:
         profile_against(*(args.profile or ["FPQ"]))
         return
     torch.manual_seed(0)
-    cases = [
-        ("SmallResNet 14x14 b128", SmallResNet(width=16), torch.randn(128, 1, 14, 14), ["layer1", "layer2", "layer3"]),
-        ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32), ["layer1", "layer2", "layer3"]),
-    ]
+    cases = _models()
     methods = ["LSQ", *[m for m in (args.methods or TARGETS) if m != "LSQ"]]
     lines = ["| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-    for name, model, x, blocks in [c for c in cases if c[0].split()[0] in args.models]:
+    for name, model, x in [cases[k] for k in cases if k in args.models]:
         y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-        med, paired = measure(name, model, x, y, blocks, args.mode, args.rounds, methods)
+        med, paired = measure(name, model, x, y, ["layer1", "layer2", "layer3"], args.mode, args.rounds, methods)
         cells = [f"{med['LSQ'] * 1000:.0f} ms"] + [
             f"{med[m] / med['LSQ']:.3f}x ({paired[m]:.3f}x)" + (
                 "" if m not in TARGETS else " ok" if med[m] / med["LSQ"] <= TARGETS[m] else " MISSED")
