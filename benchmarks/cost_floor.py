@@ -3,8 +3,9 @@
 One process, one thread; every method has its own QAT model copy, and the methods are timed
 interleaved (one step each per round, in a seeded random order per round) so machine load and the
 previous step's cache and heap state hit all alike; the median step time of each is divided by
-LSQ's (in parentheses: the median of the per-round ratios). A step is forward + CE + regularizer
-terms + backward + SGD step.
+LSQ's (in parentheses: the median of the per-round ratios; in brackets: the 95 % bootstrap interval
+of the ratio over rounds, which shows how much of a run's figure is this machine's noise). A step is
+forward + CE + regularizer terms + backward + SGD step. "ok" / "MISSED" judge the ratio itself.
 
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--models ...] [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
@@ -115,9 +116,29 @@ def _timed_step(run: tuple, x: torch.Tensor, y: torch.Tensor) -> tuple[float, in
     return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
 
+def ratio_interval(times: list[float], base: list[float], reps: int = 2000, level: float = 0.95,
+                   seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``median(times) / median(base)``: rounds resampled with
+    replacement, each round's pair kept together (the interleaved steps of one round share the
+    machine's state). ``reps`` resamples, a seeded generator: the same times give the same interval."""
+    if len(times) != len(base) or not times:
+        raise ValueError("times and base need one entry per round, and at least one round")
+    rng = random.Random(seed)
+    n = len(times)
+    ratios = []
+    for _ in range(reps):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(times[i] for i in idx) / statistics.median(base[i] for i in idx))
+    ratios.sort()
+    tail = (1.0 - level) / 2
+    return ratios[round(tail * (reps - 1))], ratios[round((1.0 - tail) * (reps - 1))]
+
+
 def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], mode: str,
-            rounds: int, methods: list[str], warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
-    """Median step time and median per-round ratio to LSQ of each of ``methods`` (``"LSQ"`` first)."""
+            rounds: int, methods: list[str], warmup: int = 3
+            ) -> tuple[dict[str, float], dict[str, float], dict[str, tuple[float, float]]]:
+    """Median step time, median per-round ratio to LSQ and the 95 % bootstrap interval of the ratio of
+    medians (:func:`ratio_interval`) of each of ``methods`` (``"LSQ"`` first)."""
     runs = _setups(fp, x, blocks, mode, methods)
 
     faults: dict[str, list[int]] = {m: [] for m in methods}
@@ -140,9 +161,10 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
     med = {m: statistics.median(v[3]) for m, v in runs.items()}
     # the median of per-round ratios pairs each step with the LSQ step of the same round (robust to drift)
     paired = {m: statistics.median(t / b for t, b in zip(v[3], runs["LSQ"][3])) for m, v in runs.items()}
+    interval = {m: ratio_interval(v[3], runs["LSQ"][3]) for m, v in runs.items()}
     for _, regs, _, _ in runs.values():
         regs.detach()
-    return med, paired
+    return med, paired, interval
 
 
 def alone_study(method: str, rounds: int = 30, warmup: int = 5) -> None:
@@ -417,9 +439,10 @@ def main() -> None:
     lines = ["| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for name, model, x in [cases[k] for k in cases if k in args.models]:
         y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-        med, paired = measure(name, model, x, y, ["layer1", "layer2", "layer3"], args.mode, args.rounds, methods)
+        med, paired, interval = measure(name, model, x, y, ["layer1", "layer2", "layer3"], args.mode, args.rounds,
+                                        methods)
         cells = [f"{med['LSQ'] * 1000:.0f} ms"] + [
-            f"{med[m] / med['LSQ']:.3f}x ({paired[m]:.3f}x)" + (
+            f"{med[m] / med['LSQ']:.3f}x ({paired[m]:.3f}x) [{interval[m][0]:.2f}, {interval[m][1]:.2f}]" + (
                 "" if m not in TARGETS else " ok" if med[m] / med["LSQ"] <= TARGETS[m] else " MISSED")
             for m in methods[1:]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
