@@ -33,11 +33,16 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import qat_plugins as qp
+from qat_plugins.data import default_augment, load_digits_split
 from qat_plugins.models import ResNet20, SmallResNet
+from qat_plugins.regularizers._losses import csd_distance
+from qat_plugins.regularizers.frozen_fp import FrozenFP
 
+BLOCKS = ["layer1", "layer2", "layer3"]  # BR's blocks in both benchmark models
 TARGETS = {"LSQ": 1.0, "CR": 2.05, "FPQ": 1.3, "BR": 1.3, "KD": 1.15, "CR+FPQ+BR": 2.4}
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters, <malloc.h>
 
@@ -137,8 +142,8 @@ def ratio_interval(times: list[float], base: list[float], reps: int = 2000, leve
 def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], mode: str,
             rounds: int, methods: list[str], warmup: int = 3
             ) -> tuple[dict[str, float], dict[str, float], dict[str, tuple[float, float]]]:
-    """Median step time, median per-round ratio to LSQ and the 95 % bootstrap interval of the ratio of
-    medians (:func:`ratio_interval`) of each of ``methods`` (``"LSQ"`` first)."""
+    """Median step time and median per-round ratio to LSQ of each of ``methods`` (``"LSQ"`` first), and
+    the 95 % bootstrap interval of each other method's ratio of medians (:func:`ratio_interval`)."""
     runs = _setups(fp, x, blocks, mode, methods)
 
     faults: dict[str, list[int]] = {m: [] for m in methods}
@@ -161,7 +166,7 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
     med = {m: statistics.median(v[3]) for m, v in runs.items()}
     # the median of per-round ratios pairs each step with the LSQ step of the same round (robust to drift)
     paired = {m: statistics.median(t / b for t, b in zip(v[3], runs["LSQ"][3])) for m, v in runs.items()}
-    interval = {m: ratio_interval(v[3], runs["LSQ"][3]) for m, v in runs.items()}
+    interval = {m: ratio_interval(v[3], runs["LSQ"][3]) for m, v in runs.items() if m != "LSQ"}
     for _, regs, _, _ in runs.values():
         regs.detach()
     return med, paired, interval
@@ -173,7 +178,7 @@ def alone_study(method: str, rounds: int = 30, warmup: int = 5) -> None:
     torch.manual_seed(0)
     fp, x = SmallResNet(width=16), torch.randn(128, 1, 14, 14)
     y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
-    run = _setups(fp, x, ["layer1", "layer2", "layer3"], "eager", [method])[method]
+    run = _setups(fp, x, BLOCKS, "eager", [method])[method]
     times, faults = [], []
     for i in range(warmup + rounds):
         dt, f = _timed_step(run, x, y)
@@ -194,7 +199,7 @@ def phase_study(methods: list[str], rounds: int = 30, warmup: int = 5) -> None:
     torch.manual_seed(0)
     fp, x = SmallResNet(width=16), torch.randn(128, 1, 14, 14)
     y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
-    runs = _setups(fp, x, ["layer1", "layer2", "layer3"], "eager", methods)
+    runs = _setups(fp, x, BLOCKS, "eager", methods)
     times: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     faults: dict[str, dict[str, list[int]]] = {m: {} for m in methods}
     clock: list[tuple[str, float, int]] = []
@@ -237,8 +242,6 @@ def phase_study(methods: list[str], rounds: int = 30, warmup: int = 5) -> None:
 
 def csd_reduction_study(steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2)) -> None:
     """Test accuracy after ``steps`` W4A4 SGD steps (README loop) with FPQ's CSD ``sum`` vs ``mean``."""
-    from qat_plugins.data import default_augment, load_digits_split
-
     data = load_digits_split()
     x_all, y_all = data.train.tensors
     x_test, y_test = data.test.tensors
@@ -291,9 +294,6 @@ def kernel_study(reps: int = 50) -> None:
     the frozen FP model gives it, and both NCHW); the FP model's no-grad forward contiguous, in
     channels_last, and frozen as attached (channels_last, BatchNorm folded) (ms, min / median of
     ``reps``, interleaved)."""
-    from qat_plugins.regularizers._losses import csd_distance
-    from qat_plugins.regularizers.frozen_fp import FrozenFP
-
     torch.manual_seed(0)
     print("| CSD feature | eager min / median | compiled, NHWC teacher | compiled, both NCHW |\n|---|---:|---:|---:|")
     for shape in [(128, 16, 14, 14), (64, 16, 32, 32)]:
@@ -323,8 +323,6 @@ def conv_rate_study(reps: int = 30) -> None:
     """The frozen FP model's no-grad forward (KD's cost) against this core's compute rate: its FLOPs
     (``FlopCounterMode``), median ms, its convs' ms under the profiler and their GFLOP/s, next to a
     single-threaded 2048x2048 SGEMM."""
-    from qat_plugins.regularizers.frozen_fp import FrozenFP
-
     torch.manual_seed(0)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     gemm_ms = _interleaved({"sgemm": lambda: a @ b}, 10)["sgemm"][1]
@@ -365,14 +363,12 @@ def pool_study(reps: int = 100) -> None:
 def profile_against(method: str = "FPQ", base_method: str = "LSQ", steps: int = 10) -> None:
     """torch.profiler of ``steps`` ``base_method`` and ``method`` steps on SmallResNet (14x14, batch 128):
     ms per step, and the ops whose self time grows most from the one to the other (ms, calls per step)."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch.manual_seed(0)
     fp, x = SmallResNet(width=16).eval(), torch.randn(128, 1, 14, 14)
     y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
     per_op: dict[str, dict[str, tuple[float, int]]] = {}
     for name in (base_method, method):  # one model at a time: the other's memory stays out of the profile
-        run = _setups(fp, x, ["layer1", "layer2", "layer3"], "eager", [name])[name]
+        run = _setups(fp, x, BLOCKS, "eager", [name])[name]
         for _ in range(5):  # warm up (FPQ: compile)
             _train_step(run, x, y)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -439,8 +435,7 @@ def main() -> None:
     lines = ["| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for name, model, x in [cases[k] for k in cases if k in args.models]:
         y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-        med, paired, interval = measure(name, model, x, y, ["layer1", "layer2", "layer3"], args.mode, args.rounds,
-                                        methods)
+        med, paired, interval = measure(name, model, x, y, BLOCKS, args.mode, args.rounds, methods)
         cells = [f"{med['LSQ'] * 1000:.0f} ms"] + [
             f"{med[m] / med['LSQ']:.3f}x ({paired[m]:.3f}x) [{interval[m][0]:.2f}, {interval[m][1]:.2f}]" + (
                 "" if m not in TARGETS else " ok" if med[m] / med["LSQ"] <= TARGETS[m] else " MISSED")
