@@ -139,30 +139,53 @@ def ratio_interval(times: list[float], base: list[float], reps: int = 2000, leve
     return ratios[round(tail * (reps - 1))], ratios[round((1.0 - tail) * (reps - 1))]
 
 
+def _interleave(runs: dict[str, tuple], x: torch.Tensor, y: torch.Tensor, rounds: int, warmup: int
+                ) -> dict[str, list[int]]:
+    """Time ``warmup + rounds`` rounds of one step of every entry of ``runs`` (a :func:`_setups` dict), in
+    a fresh seeded random order each round (no entry always follows the same one: cache, heap state);
+    the timed rounds' seconds go to each entry's list. Returns the minor page faults of each timed step."""
+    faults: dict[str, list[int]] = {k: [] for k in runs}
+    order = random.Random(0)
+    for r in range(warmup + rounds):
+        for key in order.sample(list(runs), len(runs)):
+            dt, f = _timed_step(runs[key], x, y)
+            if r >= warmup:
+                runs[key][3].append(dt)
+                faults[key].append(f)
+    return faults
+
+
+def twin_study(method: str, copies: int = 3, rounds: int = 60, warmup: int = 3) -> None:
+    """``copies`` identical copies of ``method`` on SmallResNet (14x14, batch 128), timed interleaved like
+    the main table: each copy's median step time against copy 0's. The copies do the same work, so
+    their ratios show how far a ratio moves on this machine when nothing differs (heap placement,
+    the VM's noise)."""
+    torch.manual_seed(0)
+    _, fp, x = _models()["SmallResNet"]
+    y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    runs = {f"{method} #{i}": _setups(fp, x, BLOCKS, "eager", [method])[method] for i in range(copies)}
+    _interleave(runs, x, y, rounds, warmup)
+    first = next(iter(runs.values()))[3]
+    print(f"| copy of {method} | median ms | ratio to copy 0 (per round) [95 % interval] |\n|---|---:|---:|")
+    for key, run in runs.items():
+        ratio = statistics.median(run[3]) / statistics.median(first)
+        paired = statistics.median(t / b for t, b in zip(run[3], first))
+        spread = "" if run[3] is first else " [{:.2f}, {:.2f}]".format(*ratio_interval(run[3], first))
+        print(f"| {key} | {statistics.median(run[3]) * 1000:.1f} | {ratio:.3f}x ({paired:.3f}x){spread} |")
+    for _, regs, _, _ in runs.values():
+        regs.detach()
+
+
 def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], mode: str,
             rounds: int, methods: list[str], warmup: int = 3
             ) -> tuple[dict[str, float], dict[str, float], dict[str, tuple[float, float]]]:
     """Median step time and median per-round ratio to LSQ of each of ``methods`` (``"LSQ"`` first), and
     the 95 % bootstrap interval of each other method's ratio of medians (:func:`ratio_interval`)."""
     runs = _setups(fp, x, blocks, mode, methods)
-
-    faults: dict[str, list[int]] = {m: [] for m in methods}
-
-    def step(method: str) -> float:
-        dt, f = _timed_step(runs[method], x, y)
-        faults[method].append(f)
-        return dt
-
-    order = random.Random(0)
-    for r in range(warmup + rounds):
-        # a fresh order each round: no method always follows the same one (cache, heap state)
-        for method in order.sample(methods, len(methods)):
-            dt = step(method)
-            if r >= warmup:
-                runs[method][3].append(dt)
+    faults = _interleave(runs, x, y, rounds, warmup)
     # minor page faults per step: memory the allocator returned to the OS and touches again
     print(f"{name}: median minor page faults per step: "
-          + ", ".join(f"{m} {statistics.median(v[warmup:]):.0f}" for m, v in faults.items()), flush=True)
+          + ", ".join(f"{m} {statistics.median(v):.0f}" for m, v in faults.items()), flush=True)
     med = {m: statistics.median(v[3]) for m, v in runs.items()}
     # the median of per-round ratios pairs each step with the LSQ step of the same round (robust to drift)
     paired = {m: statistics.median(t / b for t, b in zip(v[3], runs["LSQ"][3])) for m, v in runs.items()}
@@ -404,6 +427,9 @@ def main() -> None:
                     help="profile where a method's extra step time goes instead (METHOD [BASE]; default: FPQ LSQ)")
     ap.add_argument("--alone", type=_method, default=None, metavar="METHOD",
                     help="time METHOD alone (no interleaving) on SmallResNet instead: step time, page faults")
+    ap.add_argument("--twins", nargs="+", default=None, metavar="METHOD [COPIES]",
+                    help="time COPIES (default 3) identical copies of METHOD on SmallResNet instead: the spread "
+                         "of a ratio when nothing differs")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="keep glibc's malloc as configured (default: keep freed memory, see keep_freed_memory)")
     args = ap.parse_args()
@@ -414,6 +440,15 @@ def main() -> None:
     print(f"allocator: {allocator}", flush=True)
     if args.alone:
         alone_study(args.alone, rounds=args.rounds)
+        return
+    if args.twins:
+        try:
+            method, copies = _method(args.twins[0]), int(args.twins[1]) if len(args.twins) > 1 else 3
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            ap.error(f"--twins: {e}")
+        if len(args.twins) > 2 or copies < 2:
+            ap.error("--twins takes METHOD and at most one COPIES >= 2")
+        twin_study(method, copies, rounds=args.rounds)
         return
     if args.csd_reduction:
         csd_reduction_study()
