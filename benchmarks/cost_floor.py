@@ -13,6 +13,7 @@ forward + CE + regularizer terms + backward + SGD step. "ok" / "MISSED" judge th
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --profile [M [BASE]] # where M's extra time goes
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --phases [--methods ...]  # a step's phases, ms
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --alone LSQ      # one method alone: ms, page faults
+    OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --twins LSQ 4 --rounds 200  # identical copies: a ratio's noise
 
 Every mode first lets glibc keep freed memory in the process (:func:`keep_freed_memory`);
 ``--glibc-defaults`` measures with the allocator as configured instead.
@@ -67,6 +68,18 @@ def _models() -> dict[str, tuple[str, torch.nn.Module, torch.Tensor]]:
     return {"SmallResNet": ("SmallResNet 14x14 b128", SmallResNet(width=16), torch.randn(128, 1, 14, 14)),
             "ResNet20": ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32))}
 
+
+
+def _labels(x: torch.Tensor) -> torch.Tensor:
+    """Fixed class labels for a benchmark batch (their own seeded generator)."""
+    return torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+
+
+def _small_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """SmallResNet (14x14, batch 128) as in the main table, from seed 0: FP model, batch, labels."""
+    torch.manual_seed(0)
+    _, fp, x = _models()["SmallResNet"]
+    return fp, x, _labels(x)
 
 def _regs(method: str, blocks: list[str]) -> list[qp.Regularizer]:
     make = {"CR": lambda: qp.ConsistencyRegularizer(), "FPQ": lambda: qp.FeaturePerturbationRegularizer(),
@@ -160,9 +173,7 @@ def twin_study(method: str, copies: int = 3, rounds: int = 60, warmup: int = 3) 
     the main table: each copy's median step time against copy 0's. The copies do the same work, so
     their ratios show how far a ratio moves on this machine when nothing differs (heap placement,
     the VM's noise)."""
-    torch.manual_seed(0)
-    _, fp, x = _models()["SmallResNet"]
-    y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    fp, x, y = _small_case()
     runs = {f"{method} #{i}": _setups(fp, x, BLOCKS, "eager", [method])[method] for i in range(copies)}
     _interleave(runs, x, y, rounds, warmup)
     first = next(iter(runs.values()))[3]
@@ -198,9 +209,7 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
 def alone_study(method: str, rounds: int = 30, warmup: int = 5) -> None:
     """``method`` alone in this process on SmallResNet (14x14, batch 128), no interleaving (as a user's
     training loop runs): median step time and minor page faults per step."""
-    torch.manual_seed(0)
-    fp, x = SmallResNet(width=16), torch.randn(128, 1, 14, 14)
-    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
+    fp, x, y = _small_case()
     run = _setups(fp, x, BLOCKS, "eager", [method])[method]
     times, faults = [], []
     for i in range(warmup + rounds):
@@ -219,9 +228,7 @@ def phase_study(methods: list[str], rounds: int = 30, warmup: int = 5) -> None:
     that needs the FP model runs the shared clean FP forward), backward, SGD step; and minor page
     faults per step. The sum of the parts measured alone against the combination shows what the
     combination costs beyond its parts."""
-    torch.manual_seed(0)
-    fp, x = SmallResNet(width=16), torch.randn(128, 1, 14, 14)
-    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
+    fp, x, y = _small_case()
     runs = _setups(fp, x, BLOCKS, "eager", methods)
     times: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     faults: dict[str, dict[str, list[int]]] = {m: {} for m in methods}
@@ -386,9 +393,7 @@ def pool_study(reps: int = 100) -> None:
 def profile_against(method: str = "FPQ", base_method: str = "LSQ", steps: int = 10) -> None:
     """torch.profiler of ``steps`` ``base_method`` and ``method`` steps on SmallResNet (14x14, batch 128):
     ms per step, and the ops whose self time grows most from the one to the other (ms, calls per step)."""
-    torch.manual_seed(0)
-    fp, x = SmallResNet(width=16).eval(), torch.randn(128, 1, 14, 14)
-    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
+    fp, x, y = _small_case()
     per_op: dict[str, dict[str, tuple[float, int]]] = {}
     for name in (base_method, method):  # one model at a time: the other's memory stays out of the profile
         run = _setups(fp, x, BLOCKS, "eager", [name])[name]
@@ -469,7 +474,7 @@ def main() -> None:
     methods = ["LSQ", *[m for m in (args.methods or TARGETS) if m != "LSQ"]]
     lines = ["| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for name, model, x in [cases[k] for k in cases if k in args.models]:
-        y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+        y = _labels(x)
         med, paired, interval = measure(name, model, x, y, BLOCKS, args.mode, args.rounds, methods)
         cells = [f"{med['LSQ'] * 1000:.0f} ms"] + [
             f"{med[m] / med['LSQ']:.3f}x ({paired[m]:.3f}x) [{interval[m][0]:.2f}, {interval[m][1]:.2f}]" + (
