@@ -1,0 +1,91 @@
+"""``benchmarks/cost_floor.py`` (issue 11's cost table): the bootstrap interval and the summary over
+processes against hand computations, and ``--processes`` end to end in real child processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cost_floor.py"
+
+
+@pytest.fixture(scope="module")
+def cost_floor():
+    spec = importlib.util.spec_from_file_location("cost_floor", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(lsq_ms, **ratios):
+    return {"SmallResNet": {"LSQ": {"ms": lsq_ms}, **{m: {"ratio": r} for m, r in ratios.items()}}}
+
+
+def test_ratio_interval_by_hand(cost_floor):
+    # every round the same ratio: every resample gives exactly that ratio
+    assert cost_floor.ratio_interval([0.3, 0.3, 0.3], [0.1, 0.1, 0.1]) == pytest.approx((3.0, 3.0), rel=1e-12)
+    # two rounds: a resample is {a, a}, {a, b} or {b, b}; the ratio of medians lies between
+    # 0.2 / 0.1 = 2 and 0.6 / 0.2 = 3, and with 2000 resamples both extremes ({a, a} and {b, b},
+    # probability 1/4 each) fall inside the 2.5 % tails, so the interval is exactly (2, 3)
+    lo, hi = cost_floor.ratio_interval([0.2, 0.6], [0.1, 0.2])
+    assert (lo, hi) == pytest.approx((2.0, 3.0), rel=1e-12)
+    assert cost_floor.ratio_interval([0.2, 0.6], [0.1, 0.2]) == (lo, hi)  # seeded: the same times, the same interval
+    with pytest.raises(ValueError, match="one entry per round"):
+        cost_floor.ratio_interval([0.1, 0.2], [0.1])
+
+
+def test_summary_over_processes_by_hand(cost_floor):
+    runs = [_run(60.0, CR=2.00, **{"CR+FPQ+BR": 2.39}),
+            _run(80.0, CR=1.98, **{"CR+FPQ+BR": 2.41}),
+            _run(70.0, CR=2.10, **{"CR+FPQ+BR": 2.37})]
+    lines = cost_floor.summarize_processes(runs).splitlines()
+    assert lines[0] == "| SmallResNet, process | LSQ | CR | CR+FPQ+BR |"
+    assert lines[2:5] == ["| 1 | 60 ms | 2.000x | 2.390x |", "| 2 | 80 ms | 1.980x | 2.410x |",
+                          "| 3 | 70 ms | 2.100x | 2.370x |"]
+    # medians 70 ms, CR 2.00 (2.10 misses 2.05), combination 2.39 (2.41 misses 2.4): judged on the median
+    assert lines[5] == ("| median [range] | 70 ms | 2.000x [1.980, 2.100] 2/3 met ok | "
+                        "2.390x [2.370, 2.410] 2/3 met ok |")
+    missed = cost_floor.summarize_processes(runs[1:]).splitlines()[-1]
+    assert "2.040x [1.980, 2.100] 1/2 met ok" in missed and "2.390x [2.370, 2.410] 1/2 met ok" in missed
+    worse = [_run(60.0, KD=1.16), _run(60.0, KD=1.14), _run(60.0, KD=1.17)]
+    assert cost_floor.summarize_processes(worse).splitlines()[-1].endswith("1.160x [1.140, 1.170] 1/3 met MISSED |")
+
+
+def test_child_args_drop_the_parents_own_options(cost_floor):
+    argv = ["--processes", "3", "--rounds", "5", "--out", "t.md", "--json=x.json", "--processes=2", "--models",
+            "SmallResNet"]
+    assert cost_floor._child_args(argv) == ["--rounds", "5", "--models", "SmallResNet"]
+
+
+def test_processes_end_to_end_in_fresh_processes(tmp_path):
+    """Two real child processes time LSQ and KD; the summary lists both and their median, and nothing
+    but ``--out`` is written (the children's JSON goes to a temporary directory)."""
+    out = tmp_path / "summary.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--processes", "2", "--rounds", "2", "--models", "SmallResNet",
+                           "--methods", "KD", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"]
+    lines = out.read_text().splitlines()
+    assert lines[0] == "| SmallResNet, process | LSQ | KD |"
+    rows = [line.split(" | ") for line in lines[2:4]]
+    assert [r[0] for r in rows] == ["| 1", "| 2"]
+    kd = sorted(float(r[2].rstrip(" |x")) for r in rows)
+    lsq = sorted(float(r[1].removesuffix(" ms")) for r in rows)
+    med = lines[4].split(" | ")
+    # the median of two processes is their mean (3 decimals: rounding of the printed ratios)
+    assert float(med[2].split("x")[0]) == pytest.approx(sum(kd) / 2, abs=1e-3)
+    assert float(med[1].removesuffix(" ms")) == pytest.approx(sum(lsq) / 2, abs=1)
+    assert med[2].endswith(("ok |", "MISSED |")) and "/2 met" in med[2]
+
+
+def test_processes_must_be_positive(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--processes", "0"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--processes must be >= 1" in proc.stderr
