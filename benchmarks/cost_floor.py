@@ -75,7 +75,6 @@ def _models() -> dict[str, tuple[str, torch.nn.Module, torch.Tensor]]:
             "ResNet20": ("ResNet20 32x32 b64", ResNet20(width=16, in_channels=3), torch.randn(64, 3, 32, 32))}
 
 
-
 def _labels(x: torch.Tensor) -> torch.Tensor:
     """Fixed class labels for a benchmark batch (their own seeded generator)."""
     return torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
@@ -86,6 +85,7 @@ def _small_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     _, fp, x = _models()["SmallResNet"]
     return fp, x, _labels(x)
+
 
 def _regs(method: str, blocks: list[str]) -> list[qp.Regularizer]:
     make = {"CR": lambda: qp.ConsistencyRegularizer(), "FPQ": lambda: qp.FeaturePerturbationRegularizer(),
@@ -447,17 +447,12 @@ def main_table(models: list[str], methods: list[str], mode: str, rounds: int
     return "\n".join(lines), results
 
 
-def _child_args(argv: list[str]) -> list[str]:
-    """``argv`` without ``--processes N``, ``--out FILE`` and ``--json FILE`` (the parent's own options)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--processes", "--out", "--json"):
-            skip = True
-        elif not a.startswith(("--processes=", "--out=", "--json=")):
-            out.append(a)
-    return out
+def _table_args(args: argparse.Namespace) -> list[str]:
+    """The command-line options of one process of ``--processes``: the main table's own (rounds, mode,
+    models, methods, allocator), rebuilt from the parsed ``args``, never ``--processes`` itself."""
+    return (["--rounds", str(args.rounds), "--mode", args.mode, "--models", *args.models]
+            + (["--methods", *args.methods] if args.methods else [])
+            + (["--glibc-defaults"] if args.glibc_defaults else []))
 
 
 def summarize_processes(runs: list[dict[str, dict[str, dict[str, float]]]]) -> str:
@@ -565,7 +560,7 @@ def main() -> None:
         profile_against(*(args.profile or ["FPQ"]))
         return
     if args.processes > 1:
-        process_study(args.processes, _child_args(sys.argv[1:]), args.out)
+        process_study(args.processes, _table_args(args), args.out)
         return
     methods = ["LSQ", *[m for m in (args.methods or TARGETS) if m != "LSQ"]]
     table, results = main_table(args.models, methods, args.mode, args.rounds)

@@ -3,6 +3,7 @@ processes against hand computations, and ``--processes`` end to end in real chil
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import subprocess
@@ -56,18 +57,26 @@ def test_summary_over_processes_by_hand(cost_floor):
     assert cost_floor.summarize_processes(worse).splitlines()[-1].endswith("1.160x [1.140, 1.170] 1/3 met MISSED |")
 
 
-def test_child_args_drop_the_parents_own_options(cost_floor):
-    argv = ["--processes", "3", "--rounds", "5", "--out", "t.md", "--json=x.json", "--processes=2", "--models",
-            "SmallResNet"]
-    assert cost_floor._child_args(argv) == ["--rounds", "5", "--models", "SmallResNet"]
+def test_table_args_rebuild_the_tables_options_only(cost_floor):
+    """A child of ``--processes`` gets the table's options from the parsed arguments (so an abbreviated
+    ``--proc 3`` cannot reach it and make it spawn processes of its own), never ``--processes``,
+    ``--out`` or ``--json``."""
+    args = argparse.Namespace(rounds=5, mode="fx", models=["SmallResNet"], methods=["KD", "CR+FPQ+BR"],
+                              glibc_defaults=True, processes=3, out="t.md", json="x.json")
+    assert cost_floor._table_args(args) == ["--rounds", "5", "--mode", "fx", "--models", "SmallResNet",
+                                            "--methods", "KD", "CR+FPQ+BR", "--glibc-defaults"]
+    args = argparse.Namespace(rounds=20, mode="eager", models=["SmallResNet", "ResNet20"], methods=None,
+                              glibc_defaults=False, processes=2, out=None, json=None)
+    assert cost_floor._table_args(args) == ["--rounds", "20", "--mode", "eager", "--models", "SmallResNet", "ResNet20"]
 
 
 def test_processes_end_to_end_in_fresh_processes(tmp_path):
     """Two real child processes time LSQ and KD; the summary lists both and their median, and nothing
-    but ``--out`` is written (the children's JSON goes to a temporary directory)."""
+    but ``--out`` is written (the children's JSON goes to a temporary directory). ``--proc``, argparse's
+    abbreviation, must not reach the children (they would each spawn processes again)."""
     out = tmp_path / "summary.md"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--processes", "2", "--rounds", "2", "--models", "SmallResNet",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--proc", "2", "--rounds", "2", "--models", "SmallResNet",
                            "--methods", "KD", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
