@@ -6,6 +6,8 @@ previous step's cache and heap state hit all alike; the median step time of each
 LSQ's (in parentheses: the median of the per-round ratios; in brackets: the 95 % bootstrap interval
 of the ratio over rounds, which shows how much of a run's figure is this machine's noise). A step is
 forward + CE + regularizer terms + backward + SGD step. "ok" / "MISSED" judge the ratio itself.
+With KD in the table, KD's frozen FP forward alone is timed in the same rounds, and "KD floor"
+(1 + its median / LSQ's) is what KD would cost with nothing but that one extra forward.
 
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py [--rounds 20] [--mode eager] [--models ...] [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/cost_floor.py --csd-reduction   # FPQ's CSD sum vs mean study
@@ -51,6 +53,8 @@ from qat_plugins.regularizers.frozen_fp import FrozenFP
 
 BLOCKS = ["layer1", "layer2", "layer3"]  # BR's blocks in both benchmark models
 TARGETS = {"LSQ": 1.0, "CR": 2.05, "FPQ": 1.3, "BR": 1.3, "KD": 1.15, "CR+FPQ+BR": 2.4}
+FP_FORWARD = "FP forward"  # KD's frozen FP forward alone, timed with the methods when KD is among them
+KD_FLOOR = "KD floor"  # 1 + FP forward / LSQ step: KD's cost with nothing but its one extra forward
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters, <malloc.h>
 
 
@@ -158,20 +162,42 @@ def ratio_interval(times: list[float], base: list[float], reps: int = 2000, leve
     return ratios[round(tail * (reps - 1))], ratios[round((1.0 - tail) * (reps - 1))]
 
 
-def _interleave(runs: dict[str, tuple], x: torch.Tensor, y: torch.Tensor, rounds: int, warmup: int
-                ) -> dict[str, list[int]]:
+def _interleave(runs: dict[str, tuple], x: torch.Tensor, y: torch.Tensor, rounds: int, warmup: int,
+                extra: dict[str, tuple[Callable[[], object], list[float]]] | None = None) -> dict[str, list[int]]:
     """Time ``warmup + rounds`` rounds of one step of every entry of ``runs`` (a :func:`_setups` dict), in
     a fresh seeded random order each round (no entry always follows the same one: cache, heap state);
-    the timed rounds' seconds go to each entry's list. Returns the minor page faults of each timed step."""
+    the timed rounds' seconds go to each entry's list. ``extra`` entries (``{name: (fn, seconds)}``)
+    are timed in the same rounds and order, a call of ``fn`` each. Returns the minor page faults of
+    each timed step of ``runs``."""
+    extra = extra or {}
     faults: dict[str, list[int]] = {k: [] for k in runs}
     order = random.Random(0)
     for r in range(warmup + rounds):
-        for key in order.sample(list(runs), len(runs)):
+        for key in order.sample([*runs, *extra], len(runs) + len(extra)):
+            if key in extra:
+                t0 = time.perf_counter()
+                extra[key][0]()
+                if r >= warmup:
+                    extra[key][1].append(time.perf_counter() - t0)
+                continue
             dt, f = _timed_step(runs[key], x, y)
             if r >= warmup:
                 runs[key][3].append(dt)
                 faults[key].append(f)
     return faults
+
+
+def _fp_forward(run: tuple, x: torch.Tensor) -> Callable[[], object]:
+    """One no-grad forward of the frozen FP model attached with ``run`` (a :func:`_setups` entry) on
+    ``x``, as the step's shared FP forward runs it: KD's extra work, so ``1 + its time / LSQ's step``
+    is KD's cost floor."""
+    fp = run[1].fp_model
+    frozen = FrozenFP.lookup(fp)
+
+    def forward() -> object:
+        with torch.no_grad():
+            return fp(frozen.inputs_for(x))
+    return forward
 
 
 def twin_study(method: str, copies: int = 3, rounds: int = 60, warmup: int = 3) -> None:
@@ -197,9 +223,12 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
             rounds: int, methods: list[str], warmup: int = 3
             ) -> tuple[dict[str, float], dict[str, float], dict[str, tuple[float, float]]]:
     """Median step time and median per-round ratio to LSQ of each of ``methods`` (``"LSQ"`` first), and
-    the 95 % bootstrap interval of each other method's ratio of medians (:func:`ratio_interval`)."""
+    the 95 % bootstrap interval of each other method's ratio of medians (:func:`ratio_interval`).
+    With KD among them, its frozen FP forward alone (:func:`_fp_forward`) is timed in the same
+    rounds; its median is returned under :data:`FP_FORWARD` (no per-round ratio, no interval)."""
     runs = _setups(fp, x, blocks, mode, methods)
-    faults = _interleave(runs, x, y, rounds, warmup)
+    extra = {FP_FORWARD: (_fp_forward(runs["KD"], x), [])} if "KD" in runs else {}
+    faults = _interleave(runs, x, y, rounds, warmup, extra)
     # minor page faults per step: memory the allocator returned to the OS and touches again
     print(f"{name}: median minor page faults per step: "
           + ", ".join(f"{m} {statistics.median(v):.0f}" for m, v in faults.items()), flush=True)
@@ -207,6 +236,7 @@ def measure(name: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bl
     # the median of per-round ratios pairs each step with the LSQ step of the same round (robust to drift)
     paired = {m: statistics.median(t / b for t, b in zip(v[3], runs["LSQ"][3])) for m, v in runs.items()}
     interval = {m: ratio_interval(v[3], runs["LSQ"][3]) for m, v in runs.items() if m != "LSQ"}
+    med.update({k: statistics.median(times) for k, (_, times) in extra.items()})
     for _, regs, _, _ in runs.values():
         regs.detach()
     return med, paired, interval
@@ -426,10 +456,12 @@ def _judge(method: str, ratio: float) -> str:
 def main_table(models: list[str], methods: list[str], mode: str, rounds: int
                ) -> tuple[str, dict[str, dict[str, dict[str, float]]]]:
     """The main table (markdown) of ``methods`` (``"LSQ"`` first) on ``models``, and its numbers:
-    ``{model: {method: {"ratio", "paired", "low", "high", "ms"}}}`` (LSQ: ``ms`` only)."""
+    ``{model: {method: {"ratio", "paired", "low", "high", "ms"}}}`` (LSQ: ``ms`` only). With KD, a
+    column :data:`KD_FLOOR` follows: ``{"ratio": 1 + FP forward / LSQ, "ms": FP forward}``."""
     torch.manual_seed(0)
     cases = _models()
-    lines = ["| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    columns = [*methods, *([KD_FLOOR] if "KD" in methods else [])]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     results: dict[str, dict[str, dict[str, float]]] = {}
     for key in [k for k in cases if k in models]:
         name, model, x = cases[key]
@@ -441,9 +473,13 @@ def main_table(models: list[str], methods: list[str], mode: str, rounds: int
         cells = [f"{med['LSQ'] * 1000:.0f} ms"] + [
             f"{r['ratio']:.3f}x ({r['paired']:.3f}x) [{r['low']:.2f}, {r['high']:.2f}]" + _judge(m, r["ratio"])
             for m, r in list(results[key].items())[1:]]
+        if FP_FORWARD in med:
+            floor = {"ratio": 1 + med[FP_FORWARD] / med["LSQ"], "ms": med[FP_FORWARD] * 1000}
+            results[key][KD_FLOOR] = floor
+            cells.append(f"{floor['ratio']:.3f}x (FP forward {floor['ms']:.0f} ms)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    lines.append("| target | 1 | " + " | ".join(f"<= {TARGETS[m]}x" if m in TARGETS else "-" for m in methods[1:]) + " |")
+    lines.append("| target | 1 | " + " | ".join(f"<= {TARGETS[m]}x" if m in TARGETS else "-" for m in columns[1:]) + " |")
     return "\n".join(lines), results
 
 

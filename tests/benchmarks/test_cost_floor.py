@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from qat_plugins.regularizers import StepContext
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cost_floor.py"
 
@@ -82,7 +85,7 @@ def test_processes_end_to_end_in_fresh_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"]
     lines = out.read_text().splitlines()
-    assert lines[0] == "| SmallResNet, process | LSQ | KD |"
+    assert lines[0] == "| SmallResNet, process | LSQ | KD | KD floor |"
     rows = [line.split(" | ") for line in lines[2:4]]
     assert [r[0] for r in rows] == ["| 1", "| 2"]
     kd = sorted(float(r[2].rstrip(" |x")) for r in rows)
@@ -91,7 +94,36 @@ def test_processes_end_to_end_in_fresh_processes(tmp_path):
     # the median of two processes is their mean (3 decimals: rounding of the printed ratios)
     assert float(med[2].split("x")[0]) == pytest.approx(sum(kd) / 2, abs=1e-3)
     assert float(med[1].removesuffix(" ms")) == pytest.approx(sum(lsq) / 2, abs=1)
-    assert med[2].endswith(("ok |", "MISSED |")) and "/2 met" in med[2]
+    assert med[2].endswith((" ok", " MISSED")) and "/2 met" in med[2]
+    # KD's floor: no target of its own, a median like any column
+    floors = sorted(float(r[3].rstrip(" |x")) for r in rows)
+    assert float(med[3].split("x")[0]) == pytest.approx(sum(floors) / 2, abs=1e-3) and "met" not in med[3]
+
+
+def test_kd_floor_is_kds_own_fp_forward_timed_with_the_methods(cost_floor):
+    """The "KD floor" column: KD's frozen FP model, forwarded as the step's shared FP forward runs it
+    (the same logits KD distils to), timed in the same rounds as the methods; the floor is
+    ``1 + its median / LSQ's median``, by hand from the returned milliseconds."""
+    fp, x, y = cost_floor._small_case()
+    runs = cost_floor._setups(fp, x, cost_floor.BLOCKS, "eager", ["LSQ", "KD"])
+    try:
+        regs = runs["KD"][1]
+        teacher = StepContext(x, regs.fp_model, []).fp_forward()  # the logits KD distils to
+        assert torch.equal(cost_floor._fp_forward(runs["KD"], x)(), teacher)
+        extra = {"FP": (cost_floor._fp_forward(runs["KD"], x), [])}
+        cost_floor._interleave(runs, x, y, rounds=2, warmup=1, extra=extra)
+        assert len(extra["FP"][1]) == 2 and len(runs["LSQ"][3]) == 2 and len(runs["KD"][3]) == 2
+    finally:
+        for _, r, _, _ in runs.values():
+            r.detach()
+    table, results = cost_floor.main_table(["SmallResNet"], ["LSQ", "KD"], "eager", rounds=2)
+    lines = table.splitlines()
+    assert lines[0] == "| model | LSQ | KD | KD floor |" and lines[-1] == "| target | 1 | <= 1.15x | - |"
+    floor, lsq = results["SmallResNet"]["KD floor"], results["SmallResNet"]["LSQ"]
+    assert floor["ratio"] == pytest.approx(1 + floor["ms"] / lsq["ms"], rel=1e-12)
+    assert f"{floor['ratio']:.3f}x (FP forward {floor['ms']:.0f} ms)" in lines[2]
+    _, without_kd = cost_floor.main_table(["SmallResNet"], ["LSQ", "BR"], "eager", rounds=1)
+    assert "KD floor" not in without_kd["SmallResNet"]
 
 
 def test_processes_must_be_positive(tmp_path):
