@@ -139,6 +139,35 @@ class _GridFakeQuantize(FakeQuantizeBase):
         self.register_buffer("zero_point", torch.zeros(1))
         self.register_buffer("initialized", torch.tensor([0], dtype=torch.uint8))
 
+    # -- flags ----------------------------------------------------------------------------
+    def _flag(self, name: str) -> bool:
+        """``buffer[0] != 0`` of a one-element flag buffer (``fake_quant_enabled``,
+        ``observer_enabled``, ``initialized``), read from its device only after the buffer changed.
+
+        The value is kept with the tensor and its version counter, which every in-place write moves
+        (``fill_``, ``copy_``, ``load_state_dict``, torch.ao's ``enable_*`` / ``disable_*``); ``.to()``
+        or a new buffer is a new tensor. A forward in steady state thus reads no flag from the device
+        (no host sync; design note: docs/regularizers.md, "Host syncs").
+        """
+        t = getattr(self, name)
+        cache = self.__dict__.setdefault("_flag_cache", {})
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor tracks no version: read it every time
+            return bool(t[0] != 0)
+        hit = cache.get(name)
+        if hit is None or hit[0] is not t or hit[1] != version:
+            hit = (t, version, bool(t[0] != 0))
+            cache[name] = hit
+        return hit[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) starts with fresh tensors whose version counters restart at 0:
+        # it must read its flags anew
+        state = self.__dict__.copy()
+        state.pop("_flag_cache", None)
+        return state
+
     # -- properties -----------------------------------------------------------------------
     @property
     def activation_post_process(self) -> "_ObserverView":
@@ -316,9 +345,9 @@ class LSQFakeQuantize(_GridFakeQuantize):
             self._lo = self._hi = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled[0] == 1 and self.initialized[0] == 0:
+        if self._flag("observer_enabled") and not self._flag("initialized"):
             self._initialize(x)
-        if self.fake_quant_enabled[0] == 0:
+        if not self._flag("fake_quant_enabled"):
             return x
         n = x.numel() / max(1, self.scale.numel())
         g = 1.0 / math.sqrt(n * self.quant_max)  # LSQ: g = 1/sqrt(N * Q_P), Q_P = quant_max
@@ -368,7 +397,7 @@ class MinMaxFakeQuantize(_GridFakeQuantize):
         if self.is_per_channel:
             self._resize_to(x.shape[self.ch_axis])
         lo, hi = self._minmax(x)
-        if self.initialized[0] == 0:
+        if not self._flag("initialized"):
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
             self.initialized.fill_(1)
@@ -390,9 +419,9 @@ class MinMaxFakeQuantize(_GridFakeQuantize):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled[0] == 1 and (self.training or self.initialized[0] == 0):
+        if self._flag("observer_enabled") and (self.training or not self._flag("initialized")):
             self._observe(x)
-        if self.fake_quant_enabled[0] == 0:
+        if not self._flag("fake_quant_enabled"):
             return x
         return fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.quant_min,
                              self.quant_max, self.ch_axis)

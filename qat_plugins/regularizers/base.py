@@ -19,6 +19,7 @@ Data flows model -> taps (:mod:`qat_plugins.taps`) -> regularizer loss -> traine
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable, Sequence
 
@@ -225,9 +226,11 @@ class RegularizerSet:
     (CR) come after the others: the FP forward's temporaries and recordings are then freed before
     the extra student graph is allocated, instead of being allocated on top of it (design note:
     docs/regularizers.md, "Cost floors"); each term is the same in any order. A non-finite term raises
-    :class:`NonFiniteLossError` naming the regularizer; the check costs one host sync per step for all
-    terms together (``check_finite=False`` skips it). :attr:`last_losses` converts the latest terms to
-    floats when read (one more sync). Use as a context manager to detach on exit.
+    :class:`NonFiniteLossError` naming the regularizer; the check reads all terms to the host in one
+    sync per step, and :attr:`last_losses` then returns those values without another. A training loop
+    that reads its own values too (task loss, accuracy) passes ``check_finite=False`` and hands the
+    terms' values, read in its one sync, to :meth:`record` (as ``train_step`` does). Use as a context
+    manager to detach on exit.
     """
 
     def __init__(self, regularizers: Sequence[Regularizer], model: nn.Module, fp_model: nn.Module | None) -> None:
@@ -235,6 +238,7 @@ class RegularizerSet:
         self.model = model
         self.fp_model = fp_model
         self._last_terms: dict[str, torch.Tensor] = {}
+        self._last_values: list[float] | None = None  # host values of _last_terms, once read
         self.check_finite = True
 
     @property
@@ -242,8 +246,29 @@ class RegularizerSet:
         """``{name: weighted term}`` of the latest step (names repeated get their index appended)."""
         if not self._last_terms:
             return {}
-        values = torch.stack([t.float() for t in self._last_terms.values()]).tolist()  # one sync
-        return dict(zip(self._last_terms, values))
+        if self._last_values is None:
+            self._last_values = torch.stack([t.float() for t in self._last_terms.values()]).tolist()  # one sync
+        return dict(zip(self._last_terms, self._last_values))
+
+    @property
+    def last_terms(self) -> dict[str, torch.Tensor]:
+        """``{name: weighted term}`` of the latest step as detached tensors (no host sync)."""
+        return dict(self._last_terms)
+
+    def record(self, values: Sequence[float]) -> None:
+        """Take the host values of :attr:`last_terms` (in their order), read by the caller in its own
+        sync: raises :class:`NonFiniteLossError` naming the first non-finite term's regularizer, and
+        :attr:`last_losses` returns these values without reading the device again."""
+        values = [float(v) for v in values]
+        if len(values) != len(self._last_terms):
+            raise ValueError(f"record() needs {len(self._last_terms)} values (one per term), got {len(values)}")
+        self._last_values = values
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                r = self.regularizers[i]
+                raise NonFiniteLossError(
+                    f"regularizer {r.name!r} (#{i}) produced a non-finite loss ({value}); lower its weight "
+                    "or the learning rate, or check the inputs")
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.regularizers)
@@ -262,8 +287,14 @@ class RegularizerSet:
             if r.attached:
                 r.detach()
 
-    def loss(self, inputs: Any, targets: torch.Tensor | None, outputs: Any) -> torch.Tensor:
-        """Sum of ``weight * term`` of every regularizer for this step."""
+    def loss(self, inputs: Any, targets: torch.Tensor | None, outputs: Any, *,
+             check_finite: bool | None = None) -> torch.Tensor:
+        """Sum of ``weight * term`` of every regularizer for this step.
+
+        ``check_finite``: ``None`` (default) follows :attr:`check_finite`; when checking, all terms are
+        read to the host in one sync (kept for :attr:`last_losses`) and a non-finite one raises
+        :class:`NonFiniteLossError`; ``False`` reads nothing (the caller may :meth:`record` them).
+        """
         out = first_tensor(outputs)
         total = out.new_zeros(())
         if not self.regularizers:
@@ -274,20 +305,13 @@ class RegularizerSet:
         terms: list[torch.Tensor] = [total] * len(self.regularizers)
         for i in sorted(range(len(terms)), key=lambda i: self.regularizers[i].extra_student_forward):
             terms[i] = self.regularizers[i].loss(inputs, targets, outputs, context=ctx)
-        self._last_terms = {}
+        self._last_terms, self._last_values = {}, None
         for i, (r, term) in enumerate(zip(self.regularizers, terms)):
             key = r.name if r.name not in self._last_terms else f"{r.name}{i}"
             self._last_terms[key] = term.detach()
             total = total + term
-        if self.check_finite:
-            finite = torch.isfinite(torch.stack([t.detach().float() for t in terms]))
-            if not bool(finite.all()):  # the one host sync of this call
-                i = int((~finite).nonzero()[0])
-                r = self.regularizers[i]
-                value = float(terms[i].detach())
-                raise NonFiniteLossError(
-                    f"regularizer {r.name!r} (#{i}) produced a non-finite loss ({value}); lower its weight "
-                    "or the learning rate, or check the inputs")
+        if self.check_finite if check_finite is None else check_finite:
+            self.record(torch.stack([t.detach().float() for t in terms]).tolist())  # the one host sync
         return total
 
     def state_dict(self) -> dict[str, Any]:

@@ -160,7 +160,8 @@ class BlockReplacementRegularizer(Regularizer):
     def _pick(self) -> str:
         if self._rng is not None:
             return self._rng.choice(self.blocks)
-        return self.blocks[int(torch.randint(len(self.blocks), ()))]
+        # a host RNG draw (CPU generator): reading it never waits for the device
+        return self.blocks[int(torch.randint(len(self.blocks), (), device="cpu"))]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

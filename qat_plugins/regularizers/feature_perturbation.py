@@ -82,7 +82,8 @@ class FeaturePerturbationRegularizer(Regularizer):
 
     # -- SFP ------------------------------------------------------------------------------
     def _perturb(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if self.p <= 0 or (self.p < 1 and float(torch.rand(())) >= self.p):
+        # the coin is a host RNG draw (CPU generator): reading it never waits for the device
+        if self.p <= 0 or (self.p < 1 and float(torch.rand((), device="cpu")) >= self.p):
             return x
         q = self._quantizers.get(name)
         s = step_size(q) if q is not None else None

@@ -78,7 +78,8 @@ def train_step(model: nn.Module, regs: RegularizerSet | None, batch: Sequence[to
 
     A non-finite task loss (named ``"task loss (cross-entropy)"``) or regularizer loss (named by
     :class:`~qat_plugins.regularizers.RegularizerSet`) raises :class:`NonFiniteLossError` before
-    ``backward`` / ``optimizer.step``, so the weights are untouched.
+    ``backward`` / ``optimizer.step``, so the weights are untouched. The check and the returned
+    values come from one read of the device per step (the step's one host sync).
 
     Returns ``{"loss", "task_loss", "reg_losses": {name: value}, "correct", "n"}``.
     """
@@ -87,16 +88,23 @@ def train_step(model: nn.Module, regs: RegularizerSet | None, batch: Sequence[to
     out = model(x)
     logits = first_tensor(out)
     task = F.cross_entropy(logits, y)
+    reg = regs.loss(x, y, out, check_finite=False) if regs is not None and len(regs) else None
+    loss = task if reg is None else task + reg
+    terms = list(regs.last_terms.values()) if reg is not None and regs is not None else []
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == y).sum()
+        host = torch.stack([task.detach().float(), loss.detach().float(), correct.float(),
+                            *[t.float() for t in terms]]).tolist()  # the step's one host sync
+    task_v, loss_v, correct_v = host[:3]
     err: NonFiniteLossError | None = None
-    reg = None
     try:
-        if not torch.isfinite(task.detach()):
-            raise NonFiniteLossError(f"task loss (cross-entropy) is non-finite ({float(task.detach())}); check the "
+        if not math.isfinite(task_v):
+            raise NonFiniteLossError(f"task loss (cross-entropy) is non-finite ({task_v}); check the "
                                      "inputs for NaN/inf values, or lower the learning rate")
-        reg = regs.loss(x, y, out) if regs is not None and len(regs) else None
-        loss = task if reg is None else task + reg
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(f"total loss (task + regularizers) is non-finite ({float(loss.detach())}); "
+        if reg is not None and regs is not None:
+            regs.record(host[3:])  # raises naming the regularizer
+        if not math.isfinite(loss_v):
+            raise NonFiniteLossError(f"total loss (task + regularizers) is non-finite ({loss_v}); "
                                      "lower the regularizer weights or the learning rate")
     except NonFiniteLossError as e:
         err = e
@@ -108,11 +116,9 @@ def train_step(model: nn.Module, regs: RegularizerSet | None, batch: Sequence[to
         raise err
     loss.backward()
     optimizer.step()
-    with torch.no_grad():
-        correct = int((logits.argmax(-1) == y).sum())
-    return {"loss": float(loss.detach()), "task_loss": float(task.detach()),
+    return {"loss": loss_v, "task_loss": task_v,
             "reg_losses": dict(regs.last_losses) if reg is not None and regs is not None else {},
-            "correct": correct, "n": int(y.numel())}
+            "correct": int(correct_v), "n": int(y.numel())}
 
 
 # --- schedules / optimizers ---------------------------------------------------------------------

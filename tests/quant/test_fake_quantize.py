@@ -4,7 +4,9 @@ computations on small tensors, scale initialisation (MSE, min/max over calibrati
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch.ao.quantization import FakeQuantizeBase, QConfig, QConfigMapping
 import qat_plugins as qp
 from qat_plugins.models import SmallCNN
 from qat_plugins.quant import LSQFakeQuantize, MinMaxFakeQuantize, fake_quantize, quant_range
+from host_reads import HostReads
 
 BAD_BITS = [(0, ValueError), (1, ValueError), (9, ValueError), ("four", TypeError), (True, TypeError),
             (4.0, TypeError)]
@@ -292,6 +295,49 @@ def test_init_happens_once_and_only_with_observer_enabled():
     s = float(fq.scale.detach())
     fq(torch.tensor([0.0, 300.0]))
     assert float(fq.scale.detach()) == s  # later batches do not re-initialise (the scale is learned)
+
+
+@pytest.mark.parametrize("cls", [LSQFakeQuantize, MinMaxFakeQuantize])
+def test_flags_are_read_from_the_device_only_after_they_change(cls):
+    """Issue 11, item 5: a steady-state forward reads no flag buffer (no host sync); every way of
+    changing a flag is still seen: torch.ao's toggles, a direct write, load_state_dict, a copy."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    fq = cls(bits=4).train()
+    fq(x)  # initialises (writes `initialized`)
+    with HostReads() as reads:
+        fq(x)
+    assert reads.syncs == 1  # the changed `initialized`, once
+    with HostReads() as reads:
+        y = fq(x)
+    assert reads.syncs == 0, reads.where
+    assert not torch.equal(y, x)
+
+    torch.ao.quantization.disable_fake_quant(fq)
+    with HostReads() as reads:
+        assert fq(x) is x
+    assert reads.syncs == 1  # only the flag that changed is read again
+    fq.fake_quant_enabled.fill_(1)  # a direct write (as training/bn.py restores observer_enabled)
+    assert torch.equal(fq(x), y)
+
+    # a copy made after a change that no forward has seen yet: the copy's tensors restart their
+    # version counters (at 1 in torch 2.13), so it must not take the original's cached values
+    other = cls(bits=4).train()
+    other(x)
+    torch.ao.quantization.disable_fake_quant(other)  # fake_quant_enabled at version 1
+    assert other(x) is x  # cached: disabled, at version 1
+    torch.ao.quantization.enable_fake_quant(other)  # version 2, not seen by a forward
+    for copied in (copy.deepcopy(other), pickle.loads(pickle.dumps(other))):
+        assert torch.equal(copied(x), other(x))
+
+    fresh = cls(bits=4).state_dict()  # initialized = 0
+    fq.load_state_dict(fresh)
+    torch.manual_seed(1)
+    x2 = 3 * torch.randn(64, 3)
+    fq(x2)  # re-initialises from x2: the load was seen
+    ref = cls(bits=4).train()
+    ref(x2)
+    assert torch.equal(fq.scale.detach(), ref.scale.detach())
 
 
 def test_minmax_fake_quantize_running_range():

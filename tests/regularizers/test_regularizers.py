@@ -18,6 +18,7 @@ from torch import nn
 
 import qat_plugins as qp
 from qat_plugins.models import SmallResNet
+from host_reads import HostReads
 from loss_by_hand import kl_by_hand
 from qat_plugins.quant.step_size import activation_quantizers, weight_quantizers
 from qat_plugins.regularizers import NonFiniteLossError, Regularizer, build_regularizers
@@ -375,6 +376,37 @@ def test_non_finite_term_is_named(qats, batch):
     with qp.attach(q, [qp.FeaturePerturbationRegularizer(distill=False), Broken()]) as regs:
         with pytest.raises(NonFiniteLossError, match="'broken' \\(#1\\)"):
             regs.loss(x, y, q(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_reads_the_device_once_and_last_losses_reuses_it(qats, fps, batch, mode):
+    """Issue 11, item 5: the finite check is the set's one host sync; logging adds none; with
+    ``check_finite=False`` the caller's own read goes through ``record``."""
+    x, y = batch
+    q = copy.deepcopy(qats["resnet", mode]).train()
+    regs = [qp.ConsistencyRegularizer(), qp.FeaturePerturbationRegularizer(),
+            qp.BlockReplacementRegularizer(list(BLOCKS["resnet"])), qp.KnowledgeDistillationRegularizer()]
+    with qp.attach(q, regs, fp_model=copy.deepcopy(fps["resnet"])) as rs:
+        torch.manual_seed(0)
+        rs.loss(x, y, q(x))  # first step: CSD compiles, quantizer flags settle
+        for check in (None, False):
+            torch.manual_seed(1)
+            out = q(x)
+            with HostReads() as reads:
+                total = rs.loss(x, y, out, check_finite=check)
+                logged = rs.last_losses
+            assert reads.syncs == 1, reads.where  # the check's read, or last_losses' when unchecked
+            assert list(logged) == ["cr", "fpq", "br", "kd"]
+            assert sum(logged.values()) == pytest.approx(float(total), rel=1e-6)
+        with HostReads() as reads:
+            rs.loss(x, y, q(x), check_finite=False)
+        assert reads.syncs == 0, reads.where
+        with pytest.raises(NonFiniteLossError, match="'br' \\(#2\\)"):
+            rs.record([0.5, 0.25, float("nan"), float("inf")])  # the first non-finite term is named
+        kept = rs.last_losses  # the recorded values, as read by the caller
+        assert kept["cr"] == 0.5 and kept["fpq"] == 0.25 and math.isnan(kept["br"]) and kept["kd"] == math.inf
+        with pytest.raises(ValueError, match="4 values"):
+            rs.record([0.5])
 
 
 # ================================================================================================

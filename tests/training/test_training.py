@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import qat_plugins as qp
+from host_reads import HostReads
 from qat_plugins.regularizers import REGISTRY, NonFiniteLossError, Regularizer, register
 from qat_plugins.training import (
     NNCFStyleConfig,
@@ -353,6 +354,37 @@ def test_skip_policy_counts_and_gives_up(nan_registered):
     strict = update_config(cfg, {"regularizers": [{"name": "nan_test"}], "max_skipped": 2})
     with pytest.raises(NonFiniteLossError, match=r"3 batches skipped .* max_skipped=2"):
         run(strict)
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx", "pt2e"])
+def test_a_training_step_reads_the_device_once(fp_resnet, batch, mode):
+    """Issue 11, item 5: one host sync per step (the finite check and the logged values together);
+    the quantizers' flags and the regularizers read nothing else from the device. The FPQ coins and
+    BR's block choice are host RNG draws (CPU generator), counted apart."""
+    if mode == "pt2e":
+        pytest.importorskip("torchao")
+    x, y = batch
+    torch.manual_seed(0)
+    q = qp.prepare_qat(fp_resnet, weight_bits=4, act_bits=4, mode=mode, example_inputs=(x,))
+    opt = torch.optim.SGD(q.parameters(), lr=0.01)
+    train_step(q, None, (x, y), opt)  # quantizers initialise
+    train_step(q, None, (x, y), opt)
+    with HostReads() as reads:
+        info = train_step(q, None, (x, y), opt)
+    assert reads.syncs == 1 and reads.draws == 0, reads.where
+    assert info["reg_losses"] == {} and 0 <= info["correct"] <= info["n"] == len(y)
+
+    regs = [qp.ConsistencyRegularizer(), qp.FeaturePerturbationRegularizer(),
+            qp.BlockReplacementRegularizer(["layer1", "layer2", "layer3"]), qp.KnowledgeDistillationRegularizer()]
+    with qp.attach(q, regs, fp_model=copy.deepcopy(fp_resnet)) as rs:
+        train_step(q, rs, (x, y), opt)  # CSD compiles
+        for _ in range(2):
+            with HostReads() as reads:
+                info = train_step(q, rs, (x, y), opt)
+            assert reads.syncs == 1, reads.where
+            assert 1 <= reads.draws <= 1 + 9  # BR's block, FPQ's coin per conv
+            assert info["reg_losses"] == rs.last_losses and list(info["reg_losses"]) == ["cr", "fpq", "br", "kd"]
+            assert info["loss"] == pytest.approx(info["task_loss"] + sum(info["reg_losses"].values()), rel=1e-5)
 
 
 # --- CR's ramp-up inside training ---------------------------------------------------------------
