@@ -162,8 +162,8 @@ class _GridFakeQuantize(FakeQuantizeBase):
         return hit[2]
 
     def __getstate__(self) -> dict[str, Any]:
-        # a copy (deepcopy, pickle) starts with fresh tensors whose version counters restart at 0:
-        # it must read its flags anew
+        # a copy (deepcopy, pickle) gets fresh tensors whose version counters restart (at 1 in torch
+        # 2.13) and may equal a cached one: it must read its flags anew
         state = self.__dict__.copy()
         state.pop("_flag_cache", None)
         return state

@@ -88,9 +88,10 @@ def train_step(model: nn.Module, regs: RegularizerSet | None, batch: Sequence[to
     out = model(x)
     logits = first_tensor(out)
     task = F.cross_entropy(logits, y)
-    reg = regs.loss(x, y, out, check_finite=False) if regs is not None and len(regs) else None
+    active = regs if regs is not None and len(regs) else None
+    reg = active.loss(x, y, out, check_finite=False) if active is not None else None
     loss = task if reg is None else task + reg
-    terms = list(regs.last_terms.values()) if reg is not None and regs is not None else []
+    terms = list(active.last_terms.values()) if active is not None else []
     with torch.no_grad():
         correct = (logits.argmax(-1) == y).sum()
         host = torch.stack([task.detach().float(), loss.detach().float(), correct.float(),
@@ -101,8 +102,8 @@ def train_step(model: nn.Module, regs: RegularizerSet | None, batch: Sequence[to
         if not math.isfinite(task_v):
             raise NonFiniteLossError(f"task loss (cross-entropy) is non-finite ({task_v}); check the "
                                      "inputs for NaN/inf values, or lower the learning rate")
-        if reg is not None and regs is not None:
-            regs.record(host[3:])  # raises naming the regularizer
+        if active is not None:
+            active.record(host[3:])  # raises naming the regularizer
         if not math.isfinite(loss_v):
             raise NonFiniteLossError(f"total loss (task + regularizers) is non-finite ({loss_v}); "
                                      "lower the regularizer weights or the learning rate")
@@ -117,7 +118,7 @@ def train_step(model: nn.Module, regs: RegularizerSet | None, batch: Sequence[to
     loss.backward()
     optimizer.step()
     return {"loss": loss_v, "task_loss": task_v,
-            "reg_losses": dict(regs.last_losses) if reg is not None and regs is not None else {},
+            "reg_losses": active.last_losses if active is not None else {},
             "correct": int(correct_v), "n": int(y.numel())}
 
 
